@@ -1,0 +1,115 @@
+"""Lightning callbacks: the SOS-VAE mean-only warm-up and the image grids of SOS-VAE Figure 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+
+class MeanOnlyWarmup(Callback):
+    """For the first ``epochs`` epochs only the mean path trains (SOS-VAE, Sec. 4).
+
+    The variance heads of the likelihood and the objective's multipliers get no update: their
+    gradients are dropped just before the optimizer step, so Adam skips them entirely (no moment
+    updates), and DDP still all-reduces the same set of parameters on every step. Encoder, decoder
+    trunk and mean head train as usual.
+    """
+
+    def __init__(self, epochs: int = 1) -> None:
+        self.epochs = epochs
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if trainer.current_epoch >= self.epochs:
+            return
+        for p in list(pl_module.likelihood.variance_parameters()) + pl_module.objective.multiplier_parameters():
+            p.grad = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == self.epochs and self.epochs > 0:
+            rank_zero_info(f"[structvae] mean-only warm-up finished after {self.epochs} epoch(s)")
+
+
+def _unit(images: Tensor) -> Tensor:
+    """Scale each image to [0, 1] by its own maximum (for variances and covariances)."""
+    peak = images.flatten(1).amax(1).clamp_min(1e-12)
+    return images / peak.view(-1, 1, 1, 1)
+
+
+class ImageGridLogger(Callback):
+    """Every ``every_n_epochs`` validation epochs, draws (eval mode, fixed noise) the rows:
+
+    1. validation inputs, 2. their reconstructions (likelihood means at posterior means),
+    3. prior samples shown as likelihood means, 4. samples from the likelihood, 5. sample − mean,
+    6. per-pixel variance, 7./8. covariance with the central pixel, positive and negative parts —
+    the rows of SOS-VAE Figure 2. Saved as PNG under ``<run dir>/samples/`` and logged to W&B.
+    """
+
+    def __init__(self, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0) -> None:
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self._inputs: Tensor | None = None
+        self.last_path: Path | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and self._inputs is None:
+            self._inputs = batch[: self.num_images].detach().clone()
+
+    @torch.no_grad()
+    def rows(self, pl_module: LightningModule, inputs: Tensor) -> list[Tensor]:
+        """The eight rows as ``[n, C, H, W]`` tensors in [0, 1]; fixed noise, global RNG untouched."""
+        shape = pl_module.image_shape
+        n = inputs.shape[0]
+        devices = [inputs.device] if inputs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            recon = pl_module.reconstruct(inputs)
+            p = pl_module.sample_prior(n)
+            mean = p.mean.view(n, *shape)
+            sample = p.sample().view(n, *shape)
+        var = p.variance.view(n, *shape)
+        c, h, w = shape
+        centre = [ch * h * w + (h // 2) * w + (w // 2) for ch in range(c)]
+        if hasattr(p, "covariance_row"):
+            cov = sum(p.covariance_row(i) for i in centre).view(n, *shape)
+        else:  # pixel-independent: the central pixel covaries only with itself
+            cov = torch.zeros_like(var).flatten(1)
+            cov[:, centre] = p.variance[:, centre]
+            cov = cov.view(n, *shape)
+        diff = sample - mean
+        diff = 0.5 + diff / (2 * diff.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1))
+        return [inputs.clamp(0, 1), recon.clamp(0, 1), mean.clamp(0, 1), sample.clamp(0, 1), diff,
+                _unit(var), _unit(cov.clamp(min=0)), _unit((-cov).clamp(min=0))]
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        inputs, self._inputs = self._inputs, None
+        if inputs is None or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        rows = self.rows(pl_module, inputs)
+        pl_module.train(was_training)
+        grid = make_grid(torch.cat(rows).float().cpu(), nrow=inputs.shape[0], padding=1, pad_value=1.0)
+        if trainer.is_global_zero:
+            out = Path(run_dir(trainer)) / "samples" / f"epoch_{trainer.current_epoch:03d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_image(grid, out)
+            self.last_path = out
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[grid], caption=[
+                    "rows: input, reconstruction, prior mean, sample, sample−mean, variance, cov+ (centre), cov− (centre)"])
+
+
+def run_dir(trainer: Trainer) -> str:
+    """Folder of this run's artefacts: the checkpoint folder's parent, or the trainer's root."""
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and getattr(ckpt, "dirpath", None):
+        return str(Path(ckpt.dirpath).parent)
+    return trainer.log_dir or trainer.default_root_dir

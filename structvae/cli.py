@@ -1,0 +1,109 @@
+"""Command line: ``structvae fit|validate|test -c CONFIG`` (LightningCLI), ``structvae data …``,
+``structvae fid --ckpt …`` and ``structvae sweep SWEEP.yaml``."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from structvae.model import NonFiniteLossError, StructVAE
+
+
+class StructVAECLI(LightningCLI):
+    """LightningCLI with the data module's image shape linked into the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        from structvae.callbacks import ImageGridLogger, run_dir
+        from structvae.loggers import AutoWandbLogger
+
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = [f"[structvae] run folder:   {run_dir(trainer)}"]
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and ckpt.dirpath:
+            best = getattr(ckpt, "best_model_path", "") or getattr(ckpt, "last_model_path", "")
+            lines.append(f"[structvae] checkpoints:  {ckpt.dirpath}" + (f"  (best: {best})" if best else ""))
+        for cb in trainer.callbacks:
+            if isinstance(cb, ImageGridLogger) and cb.last_path is not None:
+                lines.append(f"[structvae] samples:      {cb.last_path}")
+        for logger in trainer.loggers:
+            if isinstance(logger, AutoWandbLogger):
+                run = logger.experiment
+                where = getattr(run, "dir", None) or logger.save_dir
+                lines.append(f"[structvae] W&B run:      {where}")
+                if logger.is_offline:
+                    lines.append(f"[structvae] upload with:  wandb sync {str(where).rsplit('/files', 1)[0]}")
+        rank_zero_info("\n".join(lines))
+
+
+def trainer_defaults() -> dict:
+    """Defaults every experiment gets: W&B logging (offline without an account), a checkpoint of the
+    best and the last epoch, and the image grids. The callbacks here are always added (LightningCLI
+    appends ``trainer_defaults`` callbacks to the ones a config lists)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from jsonargparse import lazy_instance
+
+    from structvae.callbacks import ImageGridLogger
+    from structvae.loggers import AutoWandbLogger
+
+    return {
+        "logger": lazy_instance(AutoWandbLogger, project="structvae", save_dir="outputs"),
+        "default_root_dir": "outputs",
+        "log_every_n_steps": 10,
+        "callbacks": [
+            ModelCheckpoint(monitor="val/loss", mode="min", save_last=True, save_top_k=1,
+                            filename="epoch{epoch:03d}", auto_insert_metric_name=False),
+            ImageGridLogger(),
+        ],
+    }
+
+
+def build_cli(argv: list[str], run: bool = True) -> StructVAECLI:
+    """The LightningCLI for ``argv`` (``run=False``: parse and instantiate, but do not run)."""
+    return StructVAECLI(StructVAE, LightningDataModule, subclass_mode_data=True, args=argv, run=run,
+                        trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True})
+
+
+def _lightning_cli(argv: list[str]) -> int:
+    from structvae.data.errors import find_data_error
+
+    try:
+        build_cli(argv)
+    except NonFiniteLossError as err:
+        print(f"structvae: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a data problem arrives wrapped by jsonargparse: unwrap it, re-raise the rest
+        data_error = find_data_error(err)
+        if data_error is None:
+            raise
+        print(f"structvae: error: {data_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        from structvae.data.cli import main as data_main
+
+        return data_main(argv[1:])
+    if argv and argv[0] == "fid":
+        from structvae.evaluate import main as fid_main
+
+        return fid_main(argv[1:])
+    if argv and argv[0] == "sweep":
+        from structvae.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
+    return _lightning_cli(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Shared machinery of the image DataModules: datasets over in-memory tensors, splits, the epoch-seeded sampler.
+
+Every DataModule yields batches ``Tensor[B, C, H, W]`` of float32 in ``[0, 1]`` (labels are dropped) and
+exposes ``image_shape = (C, H, W)`` right after ``__init__`` so that ``LightningCLI`` can link it into the
+model's constructor before any data is read.
+
+Reproducibility: the training order depends only on ``(seed, epoch)`` (see :class:`EpochRandomSampler`), so
+resuming from an epoch-boundary checkpoint replays exactly the data order of an uninterrupted run. Under DDP
+Lightning swaps the sampler for a ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``, which has the same
+property. Random flips use torch's per-process RNG (seeded by ``seed_everything(..., workers=True)``), so they
+are random but not replayed bit-exactly on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchvision.transforms import v2
+
+Transform = Callable[[Tensor], Tensor]
+
+# Fixed seed of every train/val/test split: changing the training seed must never change the validation set.
+SPLIT_SEED = 0
+
+
+class EpochRandomSampler(RandomSampler):
+    """Random permutation of the data set seeded by ``seed + epoch`` (the same rule as ``DistributedSampler``).
+
+    Lightning calls :meth:`set_epoch` at the start of every training epoch (including the first epoch after a
+    resume), so the order of epoch ``e`` is the same whether or not the run was interrupted. Subclassing
+    ``RandomSampler`` matters: Lightning recognises the loader as shuffled and, under DDP, replaces this sampler
+    with a shuffling ``DistributedSampler`` rather than wrapping it unshuffled.
+    """
+
+    def __init__(self, data_source: Sequence[object] | Dataset[object], seed: int = 0) -> None:
+        super().__init__(data_source, generator=torch.Generator())  # type: ignore[arg-type]
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):  # type: ignore[override]
+        # Reseeding on every __iter__ (not once per set_epoch) makes a repeated iteration of one epoch identical.
+        assert self.generator is not None
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class ImageTensorDataset(Dataset[Tensor]):
+    """Images held in one in-memory tensor, optionally a subset of it.
+
+    Args:
+        images: ``uint8 [N, C, H, W]`` (scaled by 1/255 on access, so that large sets stay 4x smaller in RAM)
+            or floating ``[N, C, H, W]`` already in ``[0, 1]``.
+        indices: ``int64 [M]`` rows of ``images`` that form this data set (all rows when ``None``).
+        transform: applied to each ``float32 [C, H, W]`` image (e.g. the training-only random flip).
+
+    ``__getitem__`` returns ``float32 [C, H, W]`` in ``[0, 1]``.
+    """
+
+    def __init__(
+        self, images: Tensor, indices: Tensor | None = None, transform: Transform | None = None
+    ) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        self.images = images
+        self.indices = indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        row = int(self.indices[i]) if self.indices is not None else i
+        return to_float_image(self.images[row], self.transform)
+
+
+def to_float_image(image: Tensor, transform: Transform | None = None) -> Tensor:
+    """``uint8 [C, H, W]`` (0..255) or float ``[C, H, W]`` → ``float32 [C, H, W]`` in ``[0, 1]``, then transform."""
+    x = image.float().div_(255.0) if image.dtype == torch.uint8 else image.to(torch.float32)
+    return transform(x) if transform is not None else x
+
+
+def resolve_count(size: int | float, total: int, name: str) -> int:
+    """A split size given as a count (``int``) or a fraction of ``total`` (``float`` in ``[0, 1)``)."""
+    if isinstance(size, bool):
+        raise TypeError(f"{name} must be an int (count) or a float (fraction), got {size!r}")
+    if isinstance(size, float):
+        if not 0.0 <= size < 1.0:
+            raise ValueError(f"{name}={size} as a fraction must be in [0, 1)")
+        return int(round(size * total))
+    if not 0 <= size < total:
+        raise ValueError(f"{name}={size} must be in [0, {total}) for a set of {total} images")
+    return int(size)
+
+
+def split_indices(total: int, sizes: Sequence[int], seed: int = SPLIT_SEED) -> list[Tensor]:
+    """Cut a fixed random permutation of ``range(total)`` into consecutive parts of ``sizes`` plus the rest.
+
+    Returns ``len(sizes) + 1`` sorted ``int64`` index tensors (sorted so that val/test iterate in file order).
+    """
+    if sum(sizes) >= total:
+        raise ValueError(f"split sizes {list(sizes)} leave no training images out of {total}")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    parts, start = [], 0
+    for n in (*sizes, total - sum(sizes)):
+        parts.append(perm[start : start + n].sort().values)
+        start += n
+    return parts
+
+
+class ImageDataModule(LightningDataModule):
+    """Base of the structvae DataModules: loaders, the epoch-seeded training order and the flip transform.
+
+    Subclasses set ``self._image_shape`` in ``__init__`` and fill ``self.train_set``/``val_set``/``test_set``
+    in :meth:`setup`; the training set must be built with :meth:`train_transform`.
+
+    Args:
+        batch_size: images per batch (all loaders).
+        num_workers: DataLoader worker processes; workers persist across epochs when > 0.
+        random_flip: random horizontal flips of training images (never of val/test).
+        seed: seed of the training order; ``None`` takes Lightning's global seed (``PL_GLOBAL_SEED``, set by
+            ``seed_everything``), the same one Lightning's ``DistributedSampler`` uses under DDP.
+    """
+
+    def __init__(
+        self, batch_size: int, num_workers: int = 0, random_flip: bool = False, seed: int | None = None
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.seed = seed
+        self._image_shape: tuple[int, int, int] = (0, 0, 0)
+        self.train_set: Dataset[Tensor] | None = None
+        self.val_set: Dataset[Tensor] | None = None
+        self.test_set: Dataset[Tensor] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image, known without reading the data."""
+        return self._image_shape
+
+    @property
+    def shuffle_seed(self) -> int:
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def train_transform(self) -> Transform | None:
+        return v2.RandomHorizontalFlip(p=0.5) if self.random_flip else None
+
+    def _loader(self, dataset: Dataset[Tensor] | None, stage: str, train: bool = False) -> DataLoader[Tensor]:
+        if dataset is None:
+            self.setup(stage)
+            dataset = {"fit": self.train_set if train else self.val_set, "test": self.test_set}[stage]
+            assert dataset is not None, f"{type(self).__name__}.setup({stage!r}) built no data set"
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochRandomSampler(dataset, self.shuffle_seed) if train else None,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Tensor]:
+        """Shuffled (order = f(seed, epoch)), flipped when ``random_flip``; batches ``float32 [B, C, H, W]``."""
+        return self._loader(self.train_set, "fit", train=True)
+
+    def val_dataloader(self) -> DataLoader[Tensor]:
+        """Deterministic: fixed order, no augmentation."""
+        return self._loader(self.val_set, "fit")
+
+    def test_dataloader(self) -> DataLoader[Tensor]:
+        """Deterministic: fixed order, no augmentation."""
+        return self._loader(self.test_set, "test")
+
+    @staticmethod
+    def _wants(stage: str | None, *stages: str) -> bool:
+        return stage is None or stage in stages

@@ -1,0 +1,388 @@
+"""Converters from image folders to the structvae HDF5 layout (see :mod:`structvae.data.hdf5`).
+
+CelebA-64 protocol (the common one for VAEs/GANs, e.g. ``CenterCrop(148)`` then ``Resize(64)``): every
+178x218 aligned image is centre-cropped to 148x148 (torchvision's rounding: box left 15, top 35), then resized
+to 64x64 with PIL's antialiased bicubic filter and stored as uint8. Splits are CelebA's official ones from
+``list_eval_partition.txt`` (0=train, 1=valid, 2=test) or, without it, the standard file-number ranges.
+
+Outputs are written to a hidden temp file next to the target and renamed over it only when complete, so an
+interrupted conversion never leaves a half file nor damages an existing output.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from structvae.data.base import split_indices
+from structvae.data.errors import DataCorruptError, DataNotFoundError, OutputExistsError
+from structvae.data.hdf5 import H5_FORMAT, H5_FORMAT_VERSION, SPLITS
+
+Log = Callable[[str], None]
+
+CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+# Official partition by file number (000001.jpg ...), identical to list_eval_partition.txt.
+CELEBA_RANGES = {"train": (1, 162_770), "valid": (162_771, 182_637), "test": (182_638, 202_599)}
+CELEBA_PARTITION_NAMES = ("list_eval_partition.txt", "list_eval_partition.csv")  # .csv: the Kaggle copy
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+_WRITE_BLOCK = 256  # images buffered per HDF5 write: one h5py call per block instead of per image
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def load_image(path: str | Path, size: int, crop: int = 0, mode: str = "RGB") -> np.ndarray:
+    """Read one image, centre-crop a ``crop x crop`` square (0: the largest centred square), resize it to
+    ``size x size`` with PIL's antialiased bicubic filter.
+
+    Returns:
+        ``uint8 [C, size, size]`` (C = 3 for ``mode="RGB"``, 1 for ``"L"``).
+
+    Raises:
+        DataCorruptError: unreadable image, or smaller than ``crop``; names the file.
+    """
+    from PIL import Image
+    from torchvision.transforms.functional import center_crop  # same rounding as transforms.CenterCrop
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            side = crop or min(w, h)
+            if side > min(w, h):
+                raise DataCorruptError(f"image {path} is {w}x{h}, smaller than the {side}x{side} crop")
+            im = center_crop(im, [side, side]).resize((size, size), Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+        if isinstance(e, DataCorruptError):
+            raise
+        raise DataCorruptError(f"cannot read image {path}: {e}") from e
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _imap(fn: Callable[[str], np.ndarray], items: Sequence[str], workers: int) -> Iterator[np.ndarray]:
+    if workers <= 1 or len(items) < 4 * workers:  # a pool costs more than it saves here
+        yield from map(fn, items)
+        return
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield from pool.imap(fn, items, chunksize=32)  # ordered: image i lands in row i
+
+
+def write_h5(
+    out: str | Path,
+    root: str | Path,
+    splits: Mapping[str, Sequence[str]],
+    *,
+    size: int,
+    crop: int,
+    mode: str = "RGB",
+    attrs: Mapping[str, object] | None = None,
+    overwrite: bool = False,
+    workers: int | None = None,
+    log: Log = _stderr,
+) -> dict[str, int]:
+    """Convert the images ``root/<name>`` listed per split into ``out`` (structvae HDF5 layout), atomically.
+
+    Returns:
+        images written per split.
+
+    Raises:
+        OutputExistsError: ``out`` exists and not ``overwrite`` (checked before any work).
+        DataCorruptError: an unreadable image (the output is left as it was).
+    """
+    out, root = Path(out), Path(root)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{out} already exists; pass --overwrite to replace it (it stays untouched "
+            "until the new file is complete)"
+        )
+    channels = {"RGB": 3, "L": 1}[mode]
+    workers = default_workers() if workers is None else workers
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    load = functools.partial(load_image, size=size, crop=crop, mode=mode)
+    counts: dict[str, int] = {}
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(
+                {
+                    "format": H5_FORMAT,
+                    "format_version": H5_FORMAT_VERSION,
+                    "layout": "NCHW",
+                    "image_shape": np.array([channels, size, size], dtype=np.int64),
+                    "crop": int(crop),
+                    "resample": "bicubic",
+                    **(attrs or {}),
+                }
+            )
+            for split in SPLITS:
+                names = list(splits.get(split, []))
+                counts[split] = _write_split(f, split, names, root, load, channels, size, workers, log)
+        os.replace(tmp, out)  # atomic on POSIX and Windows (same folder, same file system)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
+def _write_split(
+    f: h5py.File,
+    split: str,
+    names: list[str],
+    root: Path,
+    load: Callable[[str], np.ndarray],
+    channels: int,
+    size: int,
+    workers: int,
+    log: Log,
+) -> int:
+    n = len(names)
+    group = f.create_group(split)
+    group.attrs["num_images"] = n
+    group.create_dataset("filenames", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+    shape = (n, channels, size, size)
+    images = group.create_dataset(
+        "images", shape=shape, dtype=np.uint8, chunks=(1, *shape[1:]) if n else None
+    )
+    block = np.empty((_WRITE_BLOCK, *shape[1:]), dtype=np.uint8)
+    t0 = last = time.monotonic()
+    for i, arr in enumerate(_imap(load, [str(root / name) for name in names], workers)):
+        j = i % _WRITE_BLOCK
+        block[j] = arr
+        if j == _WRITE_BLOCK - 1 or i + 1 == n:
+            images[i - j : i + 1] = block[: j + 1]
+        now = time.monotonic()
+        if now - last >= 5.0 or i + 1 == n:
+            last = now
+            log(
+                f"  {split}: {i + 1}/{n} images ({100 * (i + 1) / n:.0f}%), {(i + 1) / max(now - t0, 1e-9):.0f} img/s"
+            )
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- CelebA
+
+
+def celeba_command(src: str | Path = "<folder with img_align_celeba/>", out: str | Path | None = None) -> str:
+    return (
+        "structvae data celeba --src "
+        + (str(src) if str(src).startswith("<") else shlex.quote(str(src)))
+        + (f" --out {shlex.quote(str(out))}" if out is not None else "")
+    )
+
+
+def find_celeba(src: str | Path) -> tuple[Path, Path | None]:
+    """Locate ``(image folder, partition file or None)`` under ``src``.
+
+    Accepts ``src/img_align_celeba/*.jpg`` (official zip and torchvision layout), the Kaggle double folder
+    ``src/img_align_celeba/img_align_celeba/``, or ``src/*.jpg``; the partition file in ``src``, ``src/Eval``
+    or next to the image folder.
+    """
+    src = Path(src)
+    how_to = (
+        f"Download 'Align&Cropped Images' (img_align_celeba.zip) and list_eval_partition.txt from {CELEBA_URL}, "
+        f"unzip so that {src}/img_align_celeba/000001.jpg exists, then run:\n\n    {celeba_command(src)}\n"
+    )
+    if not src.is_dir():
+        raise DataNotFoundError(
+            f"CelebA source folder {src.resolve()} does not exist.\n" + how_to,
+            path=str(src),
+            command=celeba_command(src),
+        )
+    image_dir = next(
+        (
+            d
+            for d in (src / "img_align_celeba" / "img_align_celeba", src / "img_align_celeba", src)
+            if d.is_dir() and next(d.glob("*.jpg"), None) is not None
+        ),
+        None,
+    )
+    if image_dir is None:
+        raise DataNotFoundError(
+            f"no CelebA JPEGs in {(src / 'img_align_celeba').resolve()} nor {src.resolve()}.\n" + how_to,
+            path=str(src),
+            command=celeba_command(src),
+        )
+    partition = next(
+        (
+            d / name
+            for d in (src, src / "Eval", image_dir.parent)
+            for name in CELEBA_PARTITION_NAMES
+            if (d / name).is_file()
+        ),
+        None,
+    )
+    return image_dir, partition
+
+
+def read_celeba_partition(path: str | Path) -> dict[str, list[str]]:
+    """``{"train"|"valid"|"test": [file names]}`` from ``list_eval_partition.txt`` (``000001.jpg 0`` lines) or
+    Kaggle's ``list_eval_partition.csv`` (``image_id,partition`` header)."""
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.replace(",", " ").split()
+        if not parts or (lineno == 1 and not parts[-1].isdigit()):
+            continue  # blank line or CSV header
+        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+            raise DataCorruptError(f"{path}:{lineno}: expected '<image>.jpg <0|1|2>', got {line.strip()!r}")
+        splits[SPLITS[int(parts[1])]].append(parts[0])
+    if not any(splits.values()):
+        raise DataCorruptError(f"{path} lists no images")
+    return splits
+
+
+def celeba_splits_by_number(image_dir: str | Path) -> dict[str, list[str]]:
+    """Official splits from file numbers (``000001.jpg`` ...) when no partition file is available."""
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for p in sorted(Path(image_dir).glob("*.jpg")):
+        number = int(p.stem) if p.stem.isdigit() else -1
+        split = next((s for s, (lo, hi) in CELEBA_RANGES.items() if lo <= number <= hi), None)
+        if split is None:
+            raise DataCorruptError(
+                f"{p} is not a CelebA file name (000001.jpg ... 202599.jpg); without list_eval_partition.txt the "
+                "split comes from the file number. Put list_eval_partition.txt next to img_align_celeba/."
+            )
+        splits[split].append(p.name)
+    return splits
+
+
+def convert_celeba(
+    src: str | Path,
+    out: str | Path | None = None,
+    size: int = 64,
+    crop: int = 148,
+    overwrite: bool = False,
+    workers: int | None = None,
+    log: Log = _stderr,
+) -> dict[str, int]:
+    """Aligned CelebA folder → HDF5 (``out`` defaults to ``data/celeba/celeba{size}.h5``); see module doc.
+
+    Raises:
+        DataNotFoundError: no source folder/images, or images listed in the partition file are missing.
+        DataCorruptError: bad partition file or unreadable image. OutputExistsError: see :func:`write_h5`.
+    """
+    out = Path(out) if out is not None else Path(f"data/celeba/celeba{size}.h5")
+    if out.exists() and not overwrite:  # fail before scanning 200k files
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    image_dir, partition = find_celeba(src)
+    if partition is not None:
+        splits = read_celeba_partition(partition)
+        present = set(os.listdir(image_dir))
+        missing = [n for names in splits.values() for n in names if n not in present]
+        if missing:
+            raise DataNotFoundError(
+                f"{len(missing)} images listed in {partition} are missing from {image_dir} (first: {missing[0]}); "
+                "is the unzip complete?",
+                path=str(image_dir / missing[0]),
+                command=celeba_command(src, out),
+            )
+        how = f"official ({partition.name})"
+    else:
+        log(
+            f"no list_eval_partition.txt found near {image_dir}: using the standard CelebA file-number ranges"
+        )
+        splits = celeba_splits_by_number(image_dir)
+        how = "official (file-number ranges)"
+    log(
+        f"converting CelebA {image_dir} -> {out} (crop {crop}, size {size}): "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    )
+    return write_h5(
+        out,
+        image_dir,
+        splits,
+        size=size,
+        crop=crop,
+        overwrite=overwrite,
+        workers=workers,
+        log=log,
+        attrs={
+            "source": f"CelebA img_align_celeba ({Path(image_dir).resolve()})",
+            "splits": how,
+            "created_by": f"structvae data celeba --size {size} --crop {crop}",
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------- image folder
+
+
+def convert_folder(
+    src: str | Path,
+    out: str | Path,
+    size: int = 64,
+    crop: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    mode: str = "RGB",
+    overwrite: bool = False,
+    workers: int | None = None,
+    log: Log = _stderr,
+) -> dict[str, int]:
+    """Every image under ``src`` (recursive, sorted by relative path) → HDF5, split at random with ``seed``.
+
+    Split sizes are ``round(N * fraction)`` for valid/test, the rest train; rows keep path order per split.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise DataNotFoundError(f"image folder {src.resolve()} does not exist", path=str(src))
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise ValueError(
+            f"need 0 <= val_fraction, test_fraction and a sum < 1, got {val_fraction}, {test_fraction}"
+        )
+    names = sorted(
+        p.relative_to(src).as_posix()
+        for p in src.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not names:
+        raise DataNotFoundError(
+            f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {src.resolve()}", path=str(src)
+        )
+    n = len(names)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    if n_val + n_test >= n:
+        raise ValueError(
+            f"{n} images are too few for val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
+    test_idx, val_idx, train_idx = split_indices(n, [n_test, n_val], seed=seed)
+    splits = {
+        s: [names[i] for i in idx.tolist()]
+        for s, idx in zip(SPLITS, (train_idx, val_idx, test_idx), strict=True)
+    }
+    log(
+        f"converting {src} -> {out} (crop {crop or 'largest square'}, size {size}): "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    )
+    return write_h5(
+        out,
+        src,
+        splits,
+        size=size,
+        crop=crop,
+        mode=mode,
+        overwrite=overwrite,
+        workers=workers,
+        log=log,
+        attrs={
+            "source": f"image folder {src.resolve()}",
+            "splits": f"random (seed={seed}, val_fraction={val_fraction}, test_fraction={test_fraction})",
+            "created_by": f"structvae data folder --size {size} --crop {crop}",
+        },
+    )

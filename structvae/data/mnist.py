@@ -1,0 +1,186 @@
+"""MNIST from the standard IDX files (``.gz`` or raw), in ``root/`` or torchvision's ``root/MNIST/raw/``.
+
+Files looked for (labels are not needed, the VAEs are unsupervised)::
+
+    train-images-idx3-ubyte[.gz]   60,000 x 28 x 28 uint8  -> train (50,000) + validation (10,000, fixed seed)
+    t10k-images-idx3-ubyte[.gz]    10,000 x 28 x 28 uint8  -> test
+
+Prepare with ``structvae data mnist --root data/mnist`` (torchvision's downloader) or copy the files there.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shlex
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from structvae.data.base import ImageDataModule, ImageTensorDataset, resolve_count, split_indices
+from structvae.data.errors import DataCorruptError, DataNotFoundError
+
+MNIST_FILES = {
+    "train": "train-images-idx3-ubyte",
+    "test": "t10k-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): data are big-endian.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into an array of its stored shape and type.
+
+    Hand-written because torchvision's reader only takes uncompressed files inside its own folder layout; the
+    format is a 4-byte magic (0, 0, type, ndim), ``ndim`` big-endian uint32 sizes, then the data.
+
+    Raises:
+        DataCorruptError: truncated/garbled file, naming it.
+    """
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; truncated gzip is EOFError
+        raise DataCorruptError(f"cannot read IDX file {path}: {e}; delete it and prepare it again") from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataCorruptError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataCorruptError(f"{path} is truncated (header of {header} bytes, file has {len(data)})")
+    shape = tuple(int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
+        raise DataCorruptError(
+            f"{path} has {len(data)} bytes but its header (shape {shape}) implies {expected}: truncated or corrupt"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def find_mnist_file(root: str | Path, name: str) -> Path | None:
+    """First existing ``name`` or ``name.gz`` in ``root`` or ``root/MNIST/raw`` (raw preferred: no unzip cost).
+
+    Also accepts the ``train-images.idx3-ubyte`` spelling some mirrors use.
+    """
+    root = Path(root)
+    names = [name, name.replace("-idx", ".idx")]
+    for folder in (root, root / "MNIST" / "raw"):
+        for stem in names:
+            for candidate in (folder / stem, folder / f"{stem}.gz"):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def mnist_prepare_command(root: str | Path) -> str:
+    return f"structvae data mnist --root {shlex.quote(str(root))}"
+
+
+def _missing_message(root: str | Path, split: str) -> str:
+    root_p = Path(root)
+    return (
+        f"MNIST {split} images not found: looked for {MNIST_FILES[split]}[.gz] in {root_p.resolve()} and "
+        f"{(root_p / 'MNIST' / 'raw').resolve()}.\nPrepare MNIST with:\n\n    {mnist_prepare_command(root)}\n\n"
+        f"(or pass download=True). Offline, copy {MNIST_FILES['train']}.gz and {MNIST_FILES['test']}.gz "
+        f"(labels files optional) into {root_p}/ by hand."
+    )
+
+
+def load_mnist_images(root: str | Path, split: str) -> np.ndarray:
+    """``uint8 [N, 28, 28]`` images of ``split`` in ``{"train", "test"}``.
+
+    Raises:
+        DataNotFoundError: the file is missing (message names the paths and the command).
+        DataCorruptError: unreadable or not ``[N, 28, 28] uint8``.
+    """
+    path = find_mnist_file(root, MNIST_FILES[split])
+    if path is None:
+        raise DataNotFoundError(
+            _missing_message(root, split), path=str(root), command=mnist_prepare_command(root)
+        )
+    images = read_idx(path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise DataCorruptError(
+            f"{path} holds {images.dtype} {images.shape}, expected uint8 [N, 28, 28] images"
+        )
+    return images
+
+
+def download_mnist(root: str | Path) -> None:
+    """Download the four MNIST files with torchvision into ``root/MNIST/raw`` unless the images are present.
+
+    Raises:
+        DataNotFoundError: download failed (offline), with the manual alternative.
+    """
+    if all(find_mnist_file(root, MNIST_FILES[s]) for s in ("train", "test")):
+        return
+    from torchvision.datasets import MNIST
+
+    try:
+        MNIST(str(root), train=True, download=True)  # fetches train and test files (mirrors + md5 checks)
+    except Exception as e:  # RuntimeError/URLError/HTTPError: any failure means "not downloaded"
+        raise DataNotFoundError(
+            f"could not download MNIST into {Path(root).resolve()} ({type(e).__name__}: {str(e).strip()[:300]}).\n"
+            f"Offline? Copy {', '.join(f + '.gz' for f in MNIST_FILES.values())} (the two labels files are "
+            f"optional) into {root}/ by hand, then check with:\n\n    {mnist_prepare_command(root)}\n",
+            path=str(root),
+            command=mnist_prepare_command(root),
+        ) from e
+
+
+class MNISTDataModule(ImageDataModule):
+    """MNIST: train 50k / validation 10k (fixed-seed split of the official 60k) / official test 10k.
+
+    ``setup("test")`` needs only the test file, so the test split loads where only ``t10k-*`` exists;
+    ``setup("fit")`` then raises :class:`DataNotFoundError` naming the missing training file.
+
+    Args:
+        root: folder with the IDX files (or torchvision's ``MNIST/raw`` below it).
+        download: fetch with torchvision when missing (rank 0 in ``prepare_data``).
+        batch_size, num_workers, random_flip, seed: as for every structvae DataModule.
+        val_size: held-out part of the official train set, a count (``int``, default 10,000) or a fraction
+            (``float``, e.g. ``1/6``), so tiny test files can use the same code.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/mnist",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int | float = 10_000,
+        random_flip: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, random_flip=random_flip, seed=seed)
+        self.save_hyperparameters()
+        self.root = root
+        self.download = download
+        self.val_size = val_size
+        self._image_shape = (1, 28, 28)
+
+    def prepare_data(self) -> None:
+        if self.download:
+            download_mnist(self.root)
+
+    def _images(self, split: str) -> torch.Tensor:
+        if self.download and find_mnist_file(self.root, MNIST_FILES[split]) is None:
+            download_mnist(self.root)  # standalone use (no Trainer calling prepare_data first)
+        return torch.from_numpy(load_mnist_images(self.root, split)).unsqueeze(1)  # uint8 [N, 1, 28, 28]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._wants(stage, "fit", "validate") and self.val_set is None:
+            images = self._images("train")
+            n = len(images)
+            val_idx, train_idx = split_indices(n, [resolve_count(self.val_size, n, "val_size")])
+            self.train_set = ImageTensorDataset(images, train_idx, transform=self.train_transform())
+            self.val_set = ImageTensorDataset(images, val_idx)
+        if self._wants(stage, "test", "predict") and self.test_set is None:
+            self.test_set = ImageTensorDataset(self._images("test"))

@@ -1,0 +1,20 @@
+"""Pure tensor math of both papers (no Lightning): one class per distribution, shapes in docstrings.
+
+Latent (Spatial VAE): :class:`DiagonalNormal`, :class:`DiagonalMatrixNormal`, :class:`MatrixNormal`.
+Observation (SOS-VAE and the pixel-independent baselines), all over flattened images ``[..., S]``:
+:class:`LowRankMultivariateNormal`, :class:`IndependentNormal`, :class:`IndependentBernoulli`.
+"""
+
+from structvae.distributions.diagonal_normal import DiagonalNormal
+from structvae.distributions.lowrank_normal import LowRankMultivariateNormal
+from structvae.distributions.matrix_normal import DiagonalMatrixNormal, MatrixNormal
+from structvae.distributions.pixel import IndependentBernoulli, IndependentNormal
+
+__all__ = [
+    "DiagonalNormal",
+    "DiagonalMatrixNormal",
+    "MatrixNormal",
+    "LowRankMultivariateNormal",
+    "IndependentNormal",
+    "IndependentBernoulli",
+]

@@ -1,0 +1,258 @@
+"""Pixel-independent observation likelihoods (the baselines SOS-VAE is compared against).
+
+Same "flat event" convention as ``LowRankMultivariateNormal``: images are flattened to ``S = C*H*W``
+pixels, ``batch_shape = (B,)`` (any batch shape broadcasts), ``event_shape = (S,)``; ``log_prob`` and
+``entropy`` sum over the S pixels and are returned in the compute dtype (fp32 for bf16/fp16 inputs,
+fp64 for fp64), because a per-image log-likelihood summed over ~1e4 pixels in half precision is
+meaningless; means, variances and samples keep the input dtype.
+
+The per-pixel formulas are those of ``torch.distributions.Normal`` / ``Bernoulli`` (the Bernoulli log
+density *is* ``-binary_cross_entropy_with_logits``, as in torch); they are written out here only where
+torch's classes would cost something: torch's ``Normal`` evaluates in the input dtype and turns a float
+scale into a full tensor whose log it recomputes per pixel, and neither reduces over the event.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributions import Distribution, constraints
+
+from structvae.distributions._checks import check_finite, check_positive, linalg_dtype
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _resolve_validate(validate_args: bool | None) -> bool:
+    return Distribution._validate_args if validate_args is None else bool(validate_args)
+
+
+def _check_value_shape(value: Tensor, S: int) -> None:
+    if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[-1] != S:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"value must have shape [..., S={S}], got {shape}")
+
+
+class IndependentNormal(Distribution):
+    """prod_i N(x_i; loc_i, scale_i^2) over S pixels.
+
+    ``loc``: [..., S]. ``scale`` (standard deviation): [..., S] tensor (learned, e.g. a decoder head) or a
+    python float / 0-dim tensor (fixed or a single learned sigma). Batch dims of ``loc`` and ``scale``
+    broadcast. ``log_prob(x)`` = -1/2 sum_i ((x_i - loc_i)/scale_i)^2 - sum_i log scale_i - S/2 log 2 pi.
+    """
+
+    arg_constraints = {"loc": constraints.real_vector, "scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, scale: Tensor | float, validate_args: bool | None = None) -> None:
+        validate = _resolve_validate(validate_args)
+        if not isinstance(loc, Tensor) or loc.dim() < 1:
+            raise ValueError("loc must be a tensor of shape [..., S]")
+        S = loc.shape[-1]
+        scalar = not isinstance(scale, Tensor) or scale.dim() == 0
+        if not scalar and scale.shape[-1] != S:
+            raise ValueError(
+                f"scale must be a scalar or of shape [..., S={S}], got shape {tuple(scale.shape)}"
+            )
+        dtype = loc.dtype if scalar else torch.promote_types(loc.dtype, scale.dtype)
+        if not dtype.is_floating_point:
+            raise ValueError(f"loc must be floating point, got {loc.dtype}")
+        self._cdt = linalg_dtype(dtype)
+        # A scalar sigma is kept in the compute dtype: rounding it to bf16 would change the model.
+        scale_dtype = self._cdt if scalar else dtype
+        if isinstance(scale, Tensor):
+            scale_t = scale.to(device=loc.device, dtype=scale_dtype)
+        else:
+            scale_t = torch.tensor(float(scale), dtype=scale_dtype, device=loc.device)
+        try:
+            batch_shape = torch.broadcast_shapes(loc.shape[:-1], scale_t.shape[:-1] if not scalar else ())
+        except RuntimeError as exc:
+            raise ValueError(
+                f"incompatible batch shapes: loc {tuple(loc.shape)}, scale {tuple(scale_t.shape)}"
+            ) from exc
+        if validate:
+            check_finite("loc", loc)
+            check_finite("scale", scale_t)
+            check_positive("scale", scale_t)
+        self.loc: Tensor = loc.to(dtype).expand(batch_shape + (S,))
+        self._scale = scale_t
+        self._scalar_scale = scalar
+        super().__init__(batch_shape, torch.Size((S,)), validate_args=False)
+        self._validate_args = validate
+
+    @property
+    def scale(self) -> Tensor:
+        """Standard deviation broadcast to [*batch_shape, S] (a view)."""
+        return self._scale.expand(self.batch_shape + self.event_shape)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> Tensor:
+        return self.loc
+
+    @property
+    def stddev(self) -> Tensor:
+        return self.scale.to(self.loc.dtype)
+
+    @property
+    def variance(self) -> Tensor:
+        """scale^2, [*batch_shape, S] (input dtype)."""
+        return self._scale.square().to(self.loc.dtype).expand(self.batch_shape + self.event_shape)
+
+    def _sum_log_scale(self) -> Tensor:
+        if self._scalar_scale:
+            return self.event_shape[0] * torch.log(self._scale)
+        return self._scale.to(self._cdt).log().sum(-1)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``value`` [*extra, *batch_shape, S] -> [*extra, *batch_shape] (compute dtype)."""
+        S = self.event_shape[0]
+        _check_value_shape(value, S)
+        if self._validate_args:
+            check_finite("value", value)
+        cdt = self._cdt
+        try:
+            r = value.to(cdt) - self.loc.to(cdt)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"value of shape {tuple(value.shape)} does not broadcast with batch_shape {tuple(self.batch_shape)}"
+            ) from exc
+        if self._scalar_scale:
+            # One division by sigma^2 after the reduction instead of S of them.
+            quad = r.square().sum(-1) / self._scale.square()
+        else:
+            quad = (r / self._scale.to(cdt)).square().sum(-1)
+        return -0.5 * (quad + S * _LOG_2PI) - self._sum_log_scale()
+
+    def entropy(self) -> Tensor:
+        """S/2 log(2 pi e) + sum_i log scale_i, [*batch_shape] (compute dtype)."""
+        S = self.event_shape[0]
+        return (0.5 * S * (1.0 + _LOG_2PI) + self._sum_log_scale()).expand(self.batch_shape)
+
+    def rsample(
+        self, sample_shape: torch.Size | Sequence[int] = torch.Size(), noise: Tensor | None = None
+    ) -> Tensor:
+        """loc + scale * noise, [*sample_shape, *batch_shape, S] (input dtype).
+
+        ``noise`` (standard normal, [..., S]) replaces the random draw when given; its leading dims
+        broadcast with (and may extend) ``(*sample_shape, *batch_shape)``.
+        """
+        shape = self._extended_shape(torch.Size(sample_shape))
+        dtype = self.loc.dtype
+        if noise is None:
+            noise = torch.randn(shape, dtype=dtype, device=self.loc.device)
+        elif noise.dim() < 1 or noise.shape[-1] != self.event_shape[0]:
+            raise ValueError(
+                f"noise must have shape [..., S={self.event_shape[0]}], got {tuple(noise.shape)}"
+            )
+        return self.loc + self._scale.to(dtype) * noise.to(dtype)
+
+    def expand(
+        self, batch_shape: torch.Size | Sequence[int], _instance: IndependentNormal | None = None
+    ) -> IndependentNormal:
+        new = self._get_checked_instance(IndependentNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new._scale, new._scalar_scale, new._cdt = self._scale, self._scalar_scale, self._cdt
+        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def __repr__(self) -> str:
+        scale = "scalar" if self._scalar_scale else "per-pixel"
+        return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, S={self.event_shape[0]}, scale={scale})"
+
+
+class IndependentBernoulli(Distribution):
+    """prod_i Bernoulli(x_i; sigmoid(logits_i)) over S pixels.
+
+    ``logits``: [..., S]. ``log_prob(x) = -sum_i BCE_with_logits(logits_i, x_i)`` for x in [0, 1].
+    Continuous (grey-level) x is accepted, as is customary for Bernoulli VAEs on MNIST-like data; for
+    non-binary x this is the cross-entropy, *not* a normalised density on [0, 1] (the continuous
+    Bernoulli's normaliser is omitted), so such values are not comparable with densities of other models.
+    Only ``sample`` (binary draws, no gradient) is provided: ``has_rsample`` is False.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+    support = constraints.independent(constraints.unit_interval, 1)
+    has_rsample = False
+
+    def __init__(self, logits: Tensor, validate_args: bool | None = None) -> None:
+        validate = _resolve_validate(validate_args)
+        if not isinstance(logits, Tensor) or logits.dim() < 1:
+            raise ValueError("logits must be a tensor of shape [..., S]")
+        if not logits.dtype.is_floating_point:
+            raise ValueError(f"logits must be floating point, got {logits.dtype}")
+        if validate:
+            check_finite("logits", logits)
+        self.logits: Tensor = logits
+        self._cdt = linalg_dtype(logits.dtype)
+        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=False)
+        self._validate_args = validate
+
+    @property
+    def probs(self) -> Tensor:
+        """sigmoid(logits), [*batch_shape, S]."""
+        return torch.sigmoid(self.logits)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.probs
+
+    @property
+    def mode(self) -> Tensor:
+        return (self.logits > 0).to(self.logits.dtype)
+
+    @property
+    def variance(self) -> Tensor:
+        """p (1 - p), written as sigmoid(l) sigmoid(-l) so that it does not round to 0 for large |l|."""
+        return torch.sigmoid(self.logits) * torch.sigmoid(-self.logits)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``value`` in [0, 1], [*extra, *batch_shape, S] -> [*extra, *batch_shape] (compute dtype)."""
+        S = self.event_shape[0]
+        _check_value_shape(value, S)
+        if self._validate_args:
+            check_finite("value", value)
+            if not bool(((value >= 0) & (value <= 1)).all()):
+                raise ValueError("value must lie in [0, 1] for a Bernoulli likelihood")
+        try:
+            logits, target = torch.broadcast_tensors(self.logits.to(self._cdt), value.to(self._cdt))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"value of shape {tuple(value.shape)} does not broadcast with batch_shape {tuple(self.batch_shape)}"
+            ) from exc
+        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+
+    def entropy(self) -> Tensor:
+        """-sum_i [p_i log p_i + (1 - p_i) log(1 - p_i)] = sum_i BCE(logits_i, p_i), [*batch_shape]."""
+        logits = self.logits.to(self._cdt)
+        return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(logits), reduction="none").sum(-1)
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        """Binary draws {0, 1} in the logits' dtype, [*sample_shape, *batch_shape, S]."""
+        shape = self._extended_shape(torch.Size(sample_shape))
+        with torch.no_grad():
+            return torch.bernoulli(self.probs.expand(shape))
+
+    def expand(
+        self, batch_shape: torch.Size | Sequence[int], _instance: IndependentBernoulli | None = None
+    ) -> IndependentBernoulli:
+        new = self._get_checked_instance(IndependentBernoulli, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.logits = self.logits.expand(batch_shape + self.event_shape)
+        new._cdt = self._cdt
+        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, S={self.event_shape[0]})"

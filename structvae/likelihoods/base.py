@@ -1,0 +1,53 @@
+"""The seam every observation likelihood p(x|z) plugs into.
+
+A likelihood head turns the decoder's last feature map ``[B, F, H, W]`` into a distribution over
+the *flattened* image (``event_shape = (S,)`` with ``S = C·H·W``, pixel order ``(c, h, w)``) and
+splits its parameters into the *mean* head and the *variance* heads, so the SOS-VAE mean-only
+warm-up can freeze the latter. Adding a likelihood means one subclass and one YAML.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+
+class ObservationLikelihood(nn.Module, ABC):
+    """Head on the decoder's features; built once the feature width and image shape are known."""
+
+    #: True for likelihoods over discrete pixels (Bernoulli): no dequantisation when evaluating NLL.
+    is_discrete: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_shape: tuple[int, int, int] | None = None
+
+    def build(self, feature_channels: int, image_shape: tuple[int, int, int]) -> ObservationLikelihood:
+        self.image_shape = tuple(image_shape)
+        self._build(feature_channels, self.image_shape)
+        return self
+
+    @abstractmethod
+    def _build(self, feature_channels: int, image_shape: tuple[int, int, int]) -> None:
+        """Create the head layers."""
+
+    @abstractmethod
+    def forward(self, features: Tensor, validate_args: bool = False) -> Distribution:
+        """features ``[B, F, H, W]`` → p(x|z) with ``batch_shape (B,)``, ``event_shape (S,)``."""
+
+    @abstractmethod
+    def mean_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the head that predicts the mean."""
+
+    def variance_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the heads that predict (co)variances: frozen during the mean-only warm-up."""
+        mean_ids = {id(p) for p in self.mean_parameters()}
+        return (p for p in self.parameters() if id(p) not in mean_ids)
+
+    @property
+    def event_size(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w

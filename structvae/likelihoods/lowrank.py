@@ -1,0 +1,67 @@
+"""Low-rank multivariate normal likelihood over all pixels (SOS-VAE, TMLR 2022).
+
+p(x|z) = N(μ(z), P(z)P(z)ᵀ + D) with three heads on the decoder's last feature map: the mean μ,
+the factor P of rank R, and the diagonal D — fixed to εI (SOS-VAE's choice, ε = 1e-5) or learned
+per pixel. The distribution never forms the S×S covariance (see
+:class:`structvae.distributions.LowRankMultivariateNormal`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from structvae.distributions.lowrank_normal import LowRankMultivariateNormal
+from structvae.likelihoods.base import ObservationLikelihood
+
+
+class LowRankGaussianLikelihood(ObservationLikelihood):
+    """Heads for N(μ, PPᵀ + D) over ``S = C·H·W`` pixels.
+
+    Args:
+        rank: R, the number of columns of P (SOS-VAE: 25).
+        epsilon: the fixed diagonal D = εI, or the floor of a learned D.
+        learn_diagonal: predict D per pixel (softplus + ε) instead of fixing it.
+        factor_init_scale: multiplies the factor head's initial weights; a small P at the start
+            keeps the first log-likelihoods near the isotropic ones, so the mean-only warm-up
+            trains against a well-conditioned covariance.
+    """
+
+    def __init__(self, rank: int = 25, epsilon: float = 1e-5, learn_diagonal: bool = False,
+                 factor_init_scale: float = 0.1) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        if epsilon <= 0:
+            raise ValueError(f"epsilon must be positive, got {epsilon}")
+        self.rank = rank
+        self.epsilon = epsilon
+        self.learn_diagonal = learn_diagonal
+        self.factor_init_scale = factor_init_scale
+
+    def _build(self, feature_channels: int, image_shape: tuple[int, int, int]) -> None:
+        c, h, w = image_shape
+        if self.rank > c * h * w:
+            raise ValueError(f"rank {self.rank} exceeds the number of pixels S = {c * h * w}")
+        self.loc = nn.Conv2d(feature_channels, c, 3, padding=1)
+        self.factor = nn.Conv2d(feature_channels, c * self.rank, 3, padding=1)
+        # P's columns span all S pixels: scale so each column starts with norm ~factor_init_scale.
+        nn.init.normal_(self.factor.weight, std=self.factor_init_scale / math.sqrt(feature_channels * 9 * h * w))
+        nn.init.zeros_(self.factor.bias)
+        self.diagonal = nn.Conv2d(feature_channels, c, 3, padding=1) if self.learn_diagonal else None
+
+    def forward(self, features: Tensor, validate_args: bool = False) -> LowRankMultivariateNormal:
+        loc = rearrange(self.loc(features), "b c h w -> b (c h w)")
+        factor = rearrange(self.factor(features), "b (c r) h w -> b (c h w) r", r=self.rank)
+        if self.diagonal is None:
+            diag: Tensor | float = self.epsilon
+        else:
+            diag = F.softplus(rearrange(self.diagonal(features), "b c h w -> b (c h w)")) + self.epsilon
+        return LowRankMultivariateNormal(loc, factor, diag, validate_args=validate_args)
+
+    def mean_parameters(self) -> Iterator[nn.Parameter]:
+        return self.loc.parameters()

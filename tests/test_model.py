@@ -1,0 +1,134 @@
+"""StructVAE composes any posterior × likelihood × objective; warm-up, image rows, non-finite stop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from structvae.callbacks import ImageGridLogger, MeanOnlyWarmup
+from structvae.data import SyntheticImageDataModule
+from structvae.latent import (
+    FullMatrixNormalPosterior,
+    LowRankMatrixNormalPosterior,
+    MatrixNormalPosterior,
+    NaiveSpatialPosterior,
+    VectorGaussianPosterior,
+)
+from structvae.likelihoods import BernoulliLikelihood, GaussianLikelihood, LowRankGaussianLikelihood
+from structvae.model import NonFiniteLossError, StructVAE
+from structvae.networks import ConvDecoder, ConvEncoder
+from structvae.objectives import MDMM, BetaELBO
+
+POSTERIORS = [
+    lambda: VectorGaussianPosterior(latent_dim=12),
+    lambda: NaiveSpatialPosterior(channels=4, size=3),
+    lambda: MatrixNormalPosterior(channels=4, size=3),
+    lambda: LowRankMatrixNormalPosterior(channels=4, size=3),
+    lambda: FullMatrixNormalPosterior(channels=4, size=3),
+]
+LIKELIHOODS = [
+    lambda: BernoulliLikelihood(),
+    lambda: GaussianLikelihood(learn_scale=True),
+    lambda: GaussianLikelihood(learn_scale=False, fixed_scale=0.5),
+    lambda: LowRankGaussianLikelihood(rank=3, epsilon=1e-3),
+    lambda: LowRankGaussianLikelihood(rank=3, epsilon=1e-3, learn_diagonal=True),
+]
+
+
+def small_model(image_shape, posterior=None, likelihood=None, objective=None) -> StructVAE:
+    return StructVAE(
+        image_shape=image_shape,
+        posterior=posterior or LowRankMatrixNormalPosterior(channels=4, size=2),
+        likelihood=likelihood or LowRankGaussianLikelihood(rank=3, epsilon=1e-3, learn_diagonal=True),
+        objective=objective,
+        encoder=ConvEncoder(channels=[8, 16]),
+        decoder=ConvDecoder(width=8, lift_channels=4, lift_size=3),
+    )
+
+
+@pytest.mark.parametrize("make_posterior", POSTERIORS)
+@pytest.mark.parametrize("make_likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64)])
+def test_every_posterior_with_every_likelihood(make_posterior, make_likelihood, image_shape):
+    model = small_model(image_shape, make_posterior(), make_likelihood())
+    x = torch.rand(3, *image_shape)
+    terms = model.elbo_terms(x)
+    for t in (terms.log_likelihood, terms.kl, terms.entropy):
+        assert t.shape == (3,)
+        assert torch.isfinite(t).all()
+    assert (terms.kl >= -1e-4).all()
+    loss = model.objective(terms)
+    loss.backward()
+    assert model.encoder.head.weight.grad.abs().sum() > 0
+    assert model.reconstruct(x).shape == x.shape
+    assert model.sample_prior(2).mean.shape == (2, math.prod(image_shape))
+
+
+def test_likelihood_parameter_split():
+    lik = LowRankGaussianLikelihood(rank=2, learn_diagonal=True).build(8, (1, 8, 8))
+    mean_ids = {id(p) for p in lik.mean_parameters()}
+    var = list(lik.variance_parameters())
+    assert mean_ids and var
+    assert not mean_ids & {id(p) for p in var}
+    assert len(mean_ids) + len(var) == len(list(lik.parameters()))
+
+
+def _trainer(tmp_path, **kw) -> Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    defaults.update(kw)
+    return Trainer(**defaults)
+
+
+def test_mean_only_warmup_freezes_variance_heads_and_multipliers(tmp_path):
+    torch.manual_seed(0)
+    model = small_model((1, 8, 8), objective=MDMM(kl_target=2.0, entropy_target=-10.0))
+    data = SyntheticImageDataModule(image_shape=(1, 8, 8), num_train=32, num_val=8, num_test=8, batch_size=8)
+
+    def snapshot():
+        return {"factor": model.likelihood.factor.weight.detach().clone(),
+                "diag": model.likelihood.diagonal.weight.detach().clone(),
+                "loc": model.likelihood.loc.weight.detach().clone(),
+                "lambda": model.objective.kl.multiplier.detach().clone()}
+
+    start = snapshot()
+    _trainer(tmp_path, max_epochs=1, callbacks=[MeanOnlyWarmup(epochs=1)], limit_val_batches=0).fit(model, data)
+    after_warmup = snapshot()
+    assert torch.equal(start["factor"], after_warmup["factor"])
+    assert torch.equal(start["diag"], after_warmup["diag"])
+    assert torch.equal(start["lambda"], after_warmup["lambda"])
+    assert not torch.equal(start["loc"], after_warmup["loc"])
+    _trainer(tmp_path, max_epochs=2, callbacks=[MeanOnlyWarmup(epochs=1)], limit_val_batches=0).fit(model, data)
+    later = snapshot()
+    assert not torch.equal(after_warmup["factor"], later["factor"])
+    assert not torch.equal(after_warmup["lambda"], later["lambda"])
+
+
+def test_image_rows_shapes_and_fixed_noise():
+    torch.manual_seed(0)
+    model = small_model((3, 16, 16)).eval()
+    x = torch.rand(4, 3, 16, 16)
+    logger = ImageGridLogger(num_images=4, seed=3)
+    state = torch.get_rng_state()
+    rows = logger.rows(model, x)
+    assert torch.equal(state, torch.get_rng_state()), "image logging must not consume the global RNG"
+    again = logger.rows(model, x)
+    assert len(rows) == 8
+    for a, b in zip(rows, again):
+        assert a.shape == x.shape
+        assert torch.equal(a, b)
+        assert a.min() >= 0 and a.max() <= 1
+    # covariance with the centre pixel: its own entry is the (positive) variance → brightest there
+    assert rows[6][:, :, 8, 8].sum() > 0
+
+
+def test_non_finite_loss_stops_with_the_term_named(tmp_path):
+    model = small_model((1, 8, 8), objective=BetaELBO(beta=1.0))
+    data = SyntheticImageDataModule(image_shape=(1, 8, 8), num_train=16, num_val=8, num_test=8, batch_size=8)
+    with torch.no_grad():
+        model.likelihood.loc.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="log_likelihood"):
+        _trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(model, data)

@@ -113,3 +113,67 @@ def run_dir(trainer: Trainer) -> str:
     if ckpt is not None and getattr(ckpt, "dirpath", None):
         return str(Path(ckpt.dirpath).parent)
     return trainer.log_dir or trainer.default_root_dir
+
+
+class FIDMonitor(Callback):
+    """FID of the likelihood's means and samples during training (every ``every_n_epochs``).
+
+    A smaller ``num_samples`` than the final ``structvae fid`` evaluation keeps it affordable; the
+    real statistics of the validation split are computed once and cached on disk. Under DDP every
+    rank generates ``num_samples / world_size`` images and reads its own shard of the validation
+    images; the metric's pooled sums make the value exactly the single-process one.
+
+    Args:
+        every_n_epochs: evaluate after every n-th validation epoch.
+        num_samples: generated images per evaluation (all ranks together).
+        inception_weights: local Inception weights (else ``$STRUCTVAE_INCEPTION_WEIGHTS``, else download).
+        feature: Inception layer (2048 = standard FID).
+        batch_size: images per generation / Inception batch.
+    """
+
+    def __init__(self, every_n_epochs: int = 5, num_samples: int = 5000, inception_weights: str | None = None,
+                 feature: int = 2048, batch_size: int = 250, seed: int = 0) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.num_samples = num_samples
+        self.inception_weights = inception_weights
+        self.feature = feature
+        self.batch_size = batch_size
+        self.seed = seed
+        self._metric = None
+        self._reference_ready = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from structvae.metrics import MeanAndSampleFID
+
+        # Built (and the weights resolved) up front: a missing weights file fails before training, not after.
+        self._metric = MeanAndSampleFID(feature=self.feature, inception_weights=self.inception_weights)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or self._metric is None or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        from torch.utils.data import DataLoader, Subset
+
+        from structvae.evaluate import dataset_name, generate_images
+        from structvae.metrics import load_or_compute_reference
+
+        metric = self._metric.to(pl_module.device)
+        rank, world = trainer.global_rank, trainer.world_size
+        val_set = trainer.datamodule.val_set
+        shard = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=self.batch_size)
+        _, h, w = pl_module.image_shape
+        if not self._reference_ready:
+            key = metric.reference_key(dataset_name(trainer.datamodule), "val", h, w, len(val_set))
+            load_or_compute_reference(metric, key, shard)
+            self._reference_ready = True
+        metric.reset()  # clears the generated sets only (reset_real_features=False)
+        was_training = pl_module.training
+        pl_module.eval()
+        share = self.num_samples // world + (rank < self.num_samples % world)
+        for means, samples in generate_images(pl_module, share, self.batch_size, seed=self.seed + rank):
+            metric.update_means(means)
+            metric.update_samples(samples)
+        pl_module.train(was_training)
+        result = metric.compute()
+        pl_module.log_dict({"fid/means": result.fid_means, "fid/samples": result.fid_samples}, rank_zero_only=True)
+        rank_zero_info(f"[structvae] epoch {trainer.current_epoch}: FID means {result.fid_means:.2f}, "
+                       f"samples {result.fid_samples:.2f} ({result.num_means} generated vs {result.num_real} real)")

@@ -47,8 +47,8 @@ def trainer_defaults() -> dict:
     """Defaults every experiment gets: W&B logging (offline without an account), a checkpoint of the
     best and the last epoch, and the image grids. The callbacks here are always added (LightningCLI
     appends ``trainer_defaults`` callbacks to the ones a config lists)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from jsonargparse import lazy_instance
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from structvae.callbacks import ImageGridLogger
     from structvae.loggers import AutoWandbLogger

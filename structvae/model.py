@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributions import Distribution
 
@@ -111,6 +112,17 @@ class StructVAE(LightningModule):
         """p(x|z) at ``num`` prior draws (use ``.mean`` for mean images, ``.sample()`` for samples)."""
         z = self.posterior.prior_sample(num, generator=generator, device=self.device)
         return self.decode(z)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of each part (Spatial VAE compares decoders of similar size)."""
+        parts = {"encoder": self.encoder, "decoder": self.decoder, "likelihood": self.likelihood}
+        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+
+    def on_fit_start(self) -> None:
+        counts = ", ".join(f"{name} {n:,}" for name, n in self.parameter_counts().items())
+        rank_zero_info(f"[structvae] {type(self.posterior).__name__} {self.posterior.latent_shape} "
+                       f"({self.posterior.num_outputs} encoder outputs) × {type(self.likelihood).__name__} × "
+                       f"{type(self.objective).__name__}; parameters: {counts}")
 
     # ----------------------------------------------------------------------------- training
     def _step(self, batch: Tensor, stage: str) -> Tensor:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, SHARED_MNIST
 from lightning.pytorch import Callback
 
 from structvae.cli import build_cli, main
-
-from conftest import REPO, SHARED_MNIST
 
 EXPERIMENTS = sorted((REPO / "configs" / "experiment").glob("*.yaml"))
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from structvae.callbacks import ImageGridLogger, MeanOnlyWarmup
 from structvae.data import SyntheticImageDataModule
@@ -117,7 +118,7 @@ def test_image_rows_shapes_and_fixed_noise():
     assert torch.equal(state, torch.get_rng_state()), "image logging must not consume the global RNG"
     again = logger.rows(model, x)
     assert len(rows) == 8
-    for a, b in zip(rows, again):
+    for a, b in zip(rows, again, strict=True):
         assert a.shape == x.shape
         assert torch.equal(a, b)
         assert a.min() >= 0 and a.max() <= 1
@@ -125,10 +126,26 @@ def test_image_rows_shapes_and_fixed_noise():
     assert rows[6][:, :, 8, 8].sum() > 0
 
 
-def test_non_finite_loss_stops_with_the_term_named(tmp_path):
+class PoisonAtEpoch(Callback):
+    """Makes the likelihood's mean head NaN when epoch ``epoch`` starts."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                pl_module.likelihood.loc.bias.fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_with_the_term_named_and_keeps_the_checkpoint(tmp_path):
     model = small_model((1, 8, 8), objective=BetaELBO(beta=1.0))
     data = SyntheticImageDataModule(image_shape=(1, 8, 8), num_train=16, num_val=8, num_test=8, batch_size=8)
-    with torch.no_grad():
-        model.likelihood.loc.bias.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="log_likelihood"):
-        _trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(model, data)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, max_epochs=3, limit_val_batches=0, enable_checkpointing=True,
+                       callbacks=[ckpt, PoisonAtEpoch(1)])
+    with pytest.raises(NonFiniteLossError, match="non-finite log_likelihood at epoch 1"):
+        trainer.fit(model, data)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point())

@@ -39,8 +39,8 @@ from structvae.distributions._checks import (
     check_trailing_shape,
     linalg_dtype,
 )
-from structvae.distributions.diagonal_normal import _resolve_validate
 from structvae.distributions.base import LatentDistribution
+from structvae.distributions.diagonal_normal import _resolve_validate
 
 _LOG_2PI = math.log(2 * math.pi)
 

@@ -32,7 +32,8 @@ class ConvEncoder(nn.Module):
     down) followed by one linear layer. Spatial VAE uses 3 layers at 64×64 and 4 at 32×32.
     """
 
-    def __init__(self, channels: list[int] = [64, 128, 256], norm: str = "batch", activation_slope: float = 0.2):
+    def __init__(self, channels: tuple[int, ...] = (64, 128, 256), norm: str = "batch",
+                 activation_slope: float = 0.2):
         super().__init__()
         self.channels = list(channels)
         self.norm = norm

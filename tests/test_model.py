@@ -166,3 +166,24 @@ def test_importance_sampled_nll_for_every_pair(make_posterior, make_likelihood):
     assert one.shape == many.shape == (4,)
     assert torch.isfinite(one).all() and torch.isfinite(many).all()
     assert many.mean() <= one.mean() + 1e-3 * one.abs().mean()
+
+
+@pytest.mark.parametrize("make_likelihood", [LIKELIHOODS[1], LIKELIHOODS[3]])
+def test_bf16_autocast_matches_fp32(make_likelihood):
+    """Under bf16 autocast the convolutions run in bf16 but the likelihood algebra stays fp32."""
+    torch.manual_seed(0)
+    model = small_model((3, 16, 16), MatrixNormalPosterior(channels=4, size=2), make_likelihood(),
+                        objective=MDMM(kl_target=5.0, entropy_target=-100.0)).eval()
+    x = torch.rand(4, 3, 16, 16)
+    torch.manual_seed(1)
+    ref = model.elbo_terms(x)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.elbo_terms(x)
+        loss = model.objective(terms)
+    loss.backward()
+    assert terms.log_likelihood.dtype == torch.float32
+    for a, b in ((terms.log_likelihood, ref.log_likelihood), (terms.kl, ref.kl), (terms.entropy, ref.entropy)):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-2 * b.abs().mean().item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -115,6 +115,14 @@ class _LowRankGaussianTerms(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, P: Tensor, D: Tensor, r: Tensor | None, L: Tensor | None, check: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # Autocast would run these matmuls in bf16/fp16 and defeat the compute-dtype promise.
+        with torch.autocast(P.device.type, enabled=False):
+            return _LowRankGaussianTerms._forward(ctx, P, D, r, L, check)
+
+    @staticmethod
+    def _forward(
+        ctx: Any, P: Tensor, D: Tensor, r: Tensor | None, L: Tensor | None, check: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         scalar = D.dim() == 0
         n, S, R = P.shape
         W = None if scalar else D.reciprocal()
@@ -155,6 +163,11 @@ class _LowRankGaussianTerms(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, g_ld: Tensor | None, g_maha: Tensor | None, _g_l: Tensor | None
     ) -> tuple[Tensor | None, ...]:
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _LowRankGaussianTerms._backward(ctx, g_ld, g_maha)
+
+    @staticmethod
+    def _backward(ctx: Any, g_ld: Tensor | None, g_maha: Tensor | None) -> tuple[Tensor | None, ...]:
         P, D, L, a, v = ctx.saved_tensors
         need_p, need_d, need_r = ctx.needs_input_grad[:3]
         scalar = D.dim() == 0

@@ -148,3 +148,9 @@ def test_ddp_with_two_cpu_processes(in_tmp):
     assert result.returncode == 0, out[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out
     assert list(Path("ddp").rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize("name, shape", [("digits_sos", (1, 16, 16)), ("svae_lowrank_sos_celeba", (3, 64, 64))])
+def test_bf16_mixed_precision_trains(name, shape, in_tmp):
+    assert main(["fit", "-c", f"configs/experiment/{name}.yaml", "--trainer.fast_dev_run=2",
+                 "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu", *QUIET, *synthetic_data(shape)]) == 0

@@ -66,8 +66,10 @@ class EvaluationReport:
 
 
 @torch.no_grad()
-def generate_images(model, num: int, batch_size: int, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Prior draws decoded to ``(means, samples)`` image batches ``[b, C, H, W]`` clamped to [0, 1].
+def generate_images(model, num: int, batch_size: int, seed: int = 0,
+                    with_samples: bool = True) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Prior draws decoded to ``(means, samples)`` image batches ``[b, C, H, W]`` clamped to [0, 1]
+    (``samples`` is ``None`` when ``with_samples`` is false, saving the likelihood draw).
 
     Deterministic given ``seed``; the global RNG is left as it was.
     """
@@ -79,7 +81,8 @@ def generate_images(model, num: int, batch_size: int, seed: int = 0) -> Iterator
             b = min(batch_size, num - done)
             p = model.sample_prior(b)
             shape = (b, *model.image_shape)
-            yield p.mean.view(shape).clamp(0, 1), p.sample().view(shape).clamp(0, 1)
+            samples = p.sample().view(shape).clamp(0, 1) if with_samples else None
+            yield p.mean.view(shape).clamp(0, 1), samples
             done += b
 
 
@@ -162,7 +165,8 @@ def evaluate(model, datamodule, *, num_samples: int = 50_000, split: str = "test
         report.seconds["fid"] = time.perf_counter() - t
     if run_parzen:
         t = time.perf_counter()
-        generated = torch.cat([m for m, _ in generate_images(model, parzen_samples, batch_size, seed + 1)])
+        generated = torch.cat([m for m, _ in generate_images(model, parzen_samples, batch_size, seed + 1,
+                                                                   with_samples=False)])
         parzen = evaluate_parzen(generated.flatten(1), _split_images(datamodule, "val").to(device).flatten(1),
                                  _split_images(datamodule, "test").to(device).flatten(1))
         report.parzen_log_likelihood = parzen.test.mean_log_likelihood

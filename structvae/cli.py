@@ -16,7 +16,8 @@ class StructVAECLI(LightningCLI):
     """LightningCLI with the data module's image shape linked into the model."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
+        target = "model.init_args.image_shape" if self.subclass_mode_model else "model.image_shape"
+        parser.link_arguments("data.image_shape", target, apply_on="instantiate")
 
     def after_fit(self) -> None:
         from structvae.callbacks import ImageGridLogger, run_dir
@@ -65,8 +66,32 @@ def trainer_defaults() -> dict:
     }
 
 
+def config_selects_model_class(argv: list[str]) -> bool:
+    """True when a ``-c/--config`` file of ``argv`` names the model's ``class_path`` (e.g. the network-free
+    ``structvae.models.LowRankGaussianFit``); every other config configures a :class:`StructVAE` directly."""
+    import yaml
+
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    paths += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    for path in paths:
+        try:
+            with open(path) as f:
+                model = (yaml.safe_load(f) or {}).get("model")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue  # LightningCLI reports unreadable configs itself
+        if isinstance(model, dict) and "class_path" in model:
+            return True
+    return False
+
+
 def build_cli(argv: list[str], run: bool = True) -> StructVAECLI:
     """The LightningCLI for ``argv`` (``run=False``: parse and instantiate, but do not run)."""
+    if config_selects_model_class(argv):
+        from lightning.pytorch import LightningModule
+
+        return StructVAECLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                            args=argv, run=run, trainer_defaults=trainer_defaults(),
+                            save_config_kwargs={"overwrite": True})
     return StructVAECLI(StructVAE, LightningDataModule, subclass_mode_data=True, args=argv, run=run,
                         trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True})
 
@@ -98,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         from structvae.evaluate import main as fid_main
 
         return fid_main(argv[1:])
+    if argv and argv[0] == "reproduce":
+        from structvae.reproduce import main as reproduce_main
+
+        return reproduce_main(argv[1:])
     if argv and argv[0] == "sweep":
         from structvae.sweep import main as sweep_main
 

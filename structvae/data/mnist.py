@@ -6,6 +6,10 @@ Files looked for (labels are not needed, the VAEs are unsupervised)::
     t10k-images-idx3-ubyte[.gz]    10,000 x 28 x 28 uint8  -> test
 
 Prepare with ``structvae data mnist --root data/mnist`` (torchvision's downloader) or copy the files there.
+
+Offline, with only the test file (``split="test_file"``, or ``split="auto"`` when the training file is absent),
+the 10,000 test digits are cut with a fixed seed into train / validation / test (8,000 / 1,000 / 1,000 by
+default; ``test_file_sizes``), so a clone without the training file can still train and evaluate.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import gzip
 import shlex
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -135,8 +140,16 @@ def download_mnist(root: str | Path) -> None:
         ) from e
 
 
+MNISTSplit = Literal["standard", "test_file", "auto"]
+
+
 class MNISTDataModule(ImageDataModule):
     """MNIST: train 50k / validation 10k (fixed-seed split of the official 60k) / official test 10k.
+
+    ``split="test_file"`` instead cuts the official 10k test file alone into train / validation / test
+    (``test_file_sizes`` = (validation, test) counts, the rest trains; fixed seed); ``split="auto"`` uses the
+    standard split when the training file is there and the test-file split otherwise. ``resolved_split``
+    says which one a run used (``"standard"`` or ``"test_file"``).
 
     ``setup("test")`` needs only the test file, so the test split loads where only ``t10k-*`` exists;
     ``setup("fit")`` then raises :class:`DataNotFoundError` naming the missing training file.
@@ -147,6 +160,8 @@ class MNISTDataModule(ImageDataModule):
         batch_size, num_workers, random_flip, seed: as for every structvae DataModule.
         val_size: held-out part of the official train set, a count (``int``, default 10,000) or a fraction
             (``float``, e.g. ``1/6``), so tiny test files can use the same code.
+        split: ``"standard"`` (default), ``"test_file"`` or ``"auto"``, see above.
+        test_file_sizes: (validation, test) image counts of the ``test_file`` split.
     """
 
     def __init__(
@@ -158,12 +173,18 @@ class MNISTDataModule(ImageDataModule):
         val_size: int | float = 10_000,
         random_flip: bool = False,
         seed: int | None = None,
+        split: MNISTSplit = "standard",
+        test_file_sizes: tuple[int, int] = (1_000, 1_000),
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, random_flip=random_flip, seed=seed)
         self.save_hyperparameters()
         self.root = root
         self.download = download
         self.val_size = val_size
+        if split not in ("standard", "test_file", "auto"):
+            raise ValueError(f"split must be 'standard', 'test_file' or 'auto', got {split!r}")
+        self.split = split
+        self.test_file_sizes = (int(test_file_sizes[0]), int(test_file_sizes[1]))
         self._image_shape = (1, 28, 28)
 
     def prepare_data(self) -> None:
@@ -175,7 +196,22 @@ class MNISTDataModule(ImageDataModule):
             download_mnist(self.root)  # standalone use (no Trainer calling prepare_data first)
         return torch.from_numpy(load_mnist_images(self.root, split)).unsqueeze(1)  # uint8 [N, 1, 28, 28]
 
+    @property
+    def resolved_split(self) -> str:
+        """``"standard"`` or ``"test_file"``: the split this module uses (``auto`` looks for the training file)."""
+        if self.split != "auto":
+            return self.split
+        has_train = find_mnist_file(self.root, MNIST_FILES["train"]) is not None
+        return "standard" if has_train or self.download else "test_file"
+
+    def _test_file_parts(self) -> list[torch.Tensor]:
+        """(validation, test, train) index tensors into the test file (fixed seed)."""
+        return split_indices(10_000, list(self.test_file_sizes))
+
     def setup(self, stage: str | None = None) -> None:
+        if self.resolved_split == "test_file":
+            self._setup_from_test_file(stage)
+            return
         if self._wants(stage, "fit", "validate") and self.val_set is None:
             images = self._images("train")
             n = len(images)
@@ -184,3 +220,41 @@ class MNISTDataModule(ImageDataModule):
             self.val_set = ImageTensorDataset(images, val_idx)
         if self._wants(stage, "test", "predict") and self.test_set is None:
             self.test_set = ImageTensorDataset(self._images("test"))
+
+    def _setup_from_test_file(self, stage: str | None) -> None:
+        if self.train_set is not None and self.test_set is not None:
+            return
+        images = self._images("test")
+        if len(images) != 10_000:
+            raise DataCorruptError(f"the test-file split expects the 10,000-image MNIST test file, got {len(images)}")
+        val_idx, test_idx, train_idx = self._test_file_parts()
+        self.train_set = ImageTensorDataset(images, train_idx, transform=self.train_transform())
+        self.val_set = ImageTensorDataset(images, val_idx)
+        self.test_set = ImageTensorDataset(images, test_idx)
+
+    def labelled(self, part: Literal["train", "val", "test"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``float32 [N, 1, 28, 28]`` in [0, 1] and labels ``int64 [N]`` of one part of the split.
+
+        For the classifier of the FD-MNIST-classifier metric; needs the labels file(s) beside the images.
+
+        Raises:
+            DataNotFoundError: a labels file is missing.
+        """
+        test_file = self.resolved_split == "test_file"
+        source = "test" if test_file or part == "test" else "train"
+        images = self._images(source)
+        label_path = find_mnist_file(self.root, MNIST_FILES[f"{source}_labels"])
+        if label_path is None:
+            raise DataNotFoundError(
+                f"MNIST labels {MNIST_FILES[source + '_labels']}[.gz] not found in {Path(self.root).resolve()}: "
+                "the classifier metric needs them; copy them beside the images.",
+                path=str(self.root), command=mnist_prepare_command(self.root))
+        labels = torch.from_numpy(read_idx(label_path).astype(np.int64))
+        if test_file:
+            index = dict(zip(("val", "test", "train"), self._test_file_parts(), strict=True))[part]
+        elif part == "test":
+            index = torch.arange(len(images))
+        else:
+            val_idx, train_idx = split_indices(len(images), [resolve_count(self.val_size, len(images), "val_size")])
+            index = val_idx if part == "val" else train_idx
+        return images[index].float() / 255.0, labels[index]

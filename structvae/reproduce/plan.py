@@ -1,0 +1,116 @@
+"""What each paper's reproduction trains: the experiments, the budgets and the published numbers.
+
+A *budget* fixes everything that trades time for precision (epochs, seeds, data split, numbers of generated
+images and importance samples); the experiments themselves are the committed YAML files under
+``configs/experiment/``, changed only in epochs, seed, data location and logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+PAPERS = ("spatial-vae", "sos-vae")
+BudgetName = Literal["smoke", "cpu", "full"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One model of a paper's table.
+
+    key: short name used in folders and tables; label: the paper's row name; config: YAML under
+    ``configs/experiment/``; paper: the published numbers of that row (metric → value); role: what the
+    report does with it (``table`` rows, the ``ablation`` of SOS-VAE appendix A, the ``network_free`` model).
+    """
+
+    key: str
+    label: str
+    config: str
+    paper: dict[str, float] = field(default_factory=dict)
+    role: str = "table"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Every knob that trades wall time for precision.
+
+    epochs: training epochs per paper; seeds: seeds per model; split: MNIST split (``auto`` = the standard
+    50k/10k/10k when the training file is there, else 8k/1k/1k of the test file); limit_batches: Lightning's
+    ``limit_*_batches`` (smoke only); parzen_samples: generated images of the final Parzen estimate;
+    monitor_samples: generated images of the in-training Parzen curve; nll_items / nll_k: test images and
+    importance samples of the IWAE NLL; fd_samples: generated images per FD-MNIST-classifier estimate;
+    classifier_epochs: training epochs of the feature classifier; network_free_epochs: epochs of the single
+    low-rank MVN; jobs: trainings run at once (separate processes, one thread each).
+    """
+
+    name: str
+    epochs: dict[str, int]
+    seeds: int
+    split: str = "auto"
+    limit_batches: int | float | None = None
+    parzen_samples: int = 10_000
+    monitor_samples: int = 1_000
+    nll_items: int = 1_000
+    nll_k: int = 100
+    fd_samples: int = 10_000
+    classifier_epochs: int = 3
+    network_free_epochs: int = 10
+    batch_size: int | None = None
+    jobs: int = 2
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+BUDGETS: dict[str, Budget] = {
+    # The test suite's pipeline check: a few batches of everything, in-process.
+    "smoke": Budget(name="smoke", epochs={"spatial-vae": 1, "sos-vae": 2}, seeds=1, split="test_file",
+                    limit_batches=2, parzen_samples=200, monitor_samples=50, nll_items=20, nll_k=4, fd_samples=200,
+                    classifier_epochs=1, network_free_epochs=1, batch_size=32, jobs=1),
+    # ~30–40 min per paper on 2 shared CPU cores: the MNIST test file split, 2 seeds, short training.
+    "cpu": Budget(name="cpu", epochs={"spatial-vae": 20, "sos-vae": 15}, seeds=2, split="auto", nll_items=500,
+                  nll_k=100, fd_samples=5_000, classifier_epochs=3, network_free_epochs=10),
+    # What a user with the full data and a GPU runs: standard split, the configs' own epochs, 3 seeds.
+    "full": Budget(name="full", epochs={"spatial-vae": 100, "sos-vae": 50}, seeds=3, split="standard",
+                   nll_items=10_000, nll_k=1_000, fd_samples=10_000, classifier_epochs=10, network_free_epochs=30,
+                   jobs=1),
+}
+
+
+def budget(name: str, epochs: int | None = None, seeds: int | None = None, **overrides) -> Budget:
+    """The named budget, with ``epochs`` (for every paper) / ``seeds`` / other fields overridden when given."""
+    b = BUDGETS[name]
+    if epochs is not None:
+        b = replace(b, epochs={k: epochs for k in b.epochs})
+    if seeds is not None:
+        b = replace(b, seeds=seeds)
+    return replace(b, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# Spatial VAE (Wang et al.), Table 1: Parzen-window log-likelihood (nats) on real-valued MNIST.
+SPATIAL_VAE = (
+    Experiment("vae", "original VAE", "vae_mnist", {"parzen": 297.0}),
+    Experiment("naive", "naive SVAE", "svae_naive_mnist", {"parzen": 275.0}),
+    Experiment("mvn", "SVAE via MVN", "svae_mvn_mnist", {"parzen": 267.0}),
+    Experiment("lowrank", "SVAE via low-rank MVN", "svae_lowrank_mnist", {"parzen": 296.0}),
+)
+
+# SOS-VAE (TMLR 2022), Table 1 (FID; CelebA, and in brackets 64×64 grayscale CelebA) and appendix A.
+SOS_VAE = (
+    Experiment("gauss", "VAE, pixel-independent Gaussian (ELBO)", "gauss_mnist"),
+    Experiment("betavae", "β-VAE (pixel-independent, MDMM KL = 45)", "betavae_mnist",
+               {"fid_means": 121.65, "fid_samples": 196.40, "fid_means_64gray": 90.97, "fid_samples_64gray": 257.11}),
+    Experiment("sos", "SOS-VAE (low-rank likelihood, MDMM, ξ_H)", "sosvae_mnist",
+               {"fid_means": 132.93, "fid_samples": 104.62, "fid_means_64gray": 70.43, "fid_samples_64gray": 74.66,
+                "variance": 0.0322}),
+    Experiment("sos_noentropy", "SOS-VAE without ξ_H, learned D (appendix A)", "sosvae_mnist_noentropy",
+               {"variance": 11.76}, role="ablation"),
+    Experiment("network_free", "single N(μ, PPᵀ + εI), no networks (Fig. 7)", "lowrank_mvn_mnist",
+               role="network_free"),
+)
+
+EXPERIMENTS = {"spatial-vae": SPATIAL_VAE, "sos-vae": SOS_VAE}
+
+
+def run_name(experiment: Experiment, seed: int, repeat: bool = False) -> str:
+    return f"{experiment.key}-seed{seed}" + ("-repeat" if repeat else "")

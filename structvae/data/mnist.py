@@ -204,9 +204,9 @@ class MNISTDataModule(ImageDataModule):
         has_train = find_mnist_file(self.root, MNIST_FILES["train"]) is not None
         return "standard" if has_train or self.download else "test_file"
 
-    def _test_file_parts(self) -> list[torch.Tensor]:
-        """(validation, test, train) index tensors into the test file (fixed seed)."""
-        return split_indices(10_000, list(self.test_file_sizes))
+    def _test_file_parts(self, total: int) -> list[torch.Tensor]:
+        """(validation, test, train) index tensors into the ``total`` images of the test file (fixed seed)."""
+        return split_indices(total, list(self.test_file_sizes))
 
     def setup(self, stage: str | None = None) -> None:
         if self.resolved_split == "test_file":
@@ -225,9 +225,7 @@ class MNISTDataModule(ImageDataModule):
         if self.train_set is not None and self.test_set is not None:
             return
         images = self._images("test")
-        if len(images) != 10_000:
-            raise DataCorruptError(f"the test-file split expects the 10,000-image MNIST test file, got {len(images)}")
-        val_idx, test_idx, train_idx = self._test_file_parts()
+        val_idx, test_idx, train_idx = self._test_file_parts(len(images))
         self.train_set = ImageTensorDataset(images, train_idx, transform=self.train_transform())
         self.val_set = ImageTensorDataset(images, val_idx)
         self.test_set = ImageTensorDataset(images, test_idx)
@@ -251,7 +249,7 @@ class MNISTDataModule(ImageDataModule):
                 path=str(self.root), command=mnist_prepare_command(self.root))
         labels = torch.from_numpy(read_idx(label_path).astype(np.int64))
         if test_file:
-            index = dict(zip(("val", "test", "train"), self._test_file_parts(), strict=True))[part]
+            index = dict(zip(("val", "test", "train"), self._test_file_parts(len(images)), strict=True))[part]
         elif part == "test":
             index = torch.arange(len(images))
         else:

@@ -37,7 +37,8 @@ def run_config(experiment: Experiment, seed: int, b: Budget, paper: str, run_dir
     config = yaml.safe_load(_config_path(experiment.config).read_text())
     config["seed_everything"] = seed
     trainer = config.setdefault("trainer", {})
-    trainer.update(max_epochs=b.epochs[paper], enable_progress_bar=False, default_root_dir=str(run_dir))
+    epochs = b.network_free_epochs if experiment.role == "network_free" else b.epochs[paper]
+    trainer.update(max_epochs=epochs, enable_progress_bar=False, default_root_dir=str(run_dir))
     if b.limit_batches is not None:
         trainer.update(limit_train_batches=b.limit_batches, limit_val_batches=b.limit_batches, log_every_n_steps=1)
     loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -66,6 +67,7 @@ def _prepare_run(paper: str, experiment: Experiment, seed: int, b: Budget, work:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(
         run_config(experiment, seed, b, paper, run_dir, data_root, wandb), sort_keys=False, allow_unicode=True))
     spec = {"name": run_dir.name, "paper": paper, "experiment": experiment.key, "seed": seed, "repeat": repeat,
+            "epochs": b.network_free_epochs if experiment.role == "network_free" else b.epochs[paper],
             "run_dir": str(run_dir), "budget": b.as_dict(), "threads": 1 if b.jobs > 1 else None,
             "classifier": str(classifier) if classifier else None}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))

@@ -68,7 +68,7 @@ def run(run_dir: Path) -> dict:
     model, datamodule, train_s = train(run_dir)
     t = time.perf_counter()
     result = {"run": spec["name"], "experiment": spec["experiment"], "seed": spec["seed"],
-              "epochs": spec["budget"]["epochs"][spec["paper"]], "train_s": train_s}
+              "epochs": spec["epochs"], "train_s": train_s}
     result.update(measure(model, datamodule, spec))
     result["eval_s"] = time.perf_counter() - t
     result_path.write_text(json.dumps(result, indent=2))

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -170,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="run folders (default outputs/reproduce/<paper>-<budget>)")
     parser.add_argument("--reports", default="reports", help="where <paper>.md/.json/PNGs are written")
     parser.add_argument("--only", nargs="*", default=None, help="experiment keys to run (default: all)")
+    parser.add_argument("--repeat", default="first", metavar="KEY",
+                        help="experiment trained a second time (seed 0) to check that its numbers regenerate "
+                             "(default: the first of the table)")
     parser.add_argument("--no-repeat", action="store_true", help="skip the second run of one model")
     parser.add_argument("--no-wandb", action="store_true", help="CSV learning curves only")
     args = parser.parse_args(argv)
@@ -182,16 +184,17 @@ def main(argv: list[str] | None = None) -> int:
               f"pass --data-root or run `structvae data mnist --root {args.data_root}`", file=sys.stderr)
         return 2
     b = budget(args.budget, epochs=args.epochs, seeds=args.seeds, jobs=args.jobs, split=args.split)
-    if args.only:
-        unknown = set(args.only) - {e.key for e in EXPERIMENTS[args.paper]}
-        if unknown:
-            keys = ", ".join(e.key for e in EXPERIMENTS[args.paper])
-            print(f"structvae reproduce: error: unknown experiment(s) {sorted(unknown)}; choose from {keys}",
-                  file=sys.stderr)
-            return 2
+    keys = {e.key for e in EXPERIMENTS[args.paper]}
+    unknown = set(args.only or []) - keys
+    if args.repeat != "first" and not args.no_repeat:
+        unknown |= {args.repeat} - keys
+    if unknown:
+        print(f"structvae reproduce: error: unknown experiment(s) {sorted(unknown)}; choose from "
+              f"{', '.join(e.key for e in EXPERIMENTS[args.paper])}", file=sys.stderr)
+        return 2
     work = Path(args.work or f"outputs/reproduce/{args.paper}-{b.name}")
     command = "structvae reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
-    path = reproduce(args.paper, replace(b), data_root, work, Path(args.reports), wandb=not args.no_wandb,
-                     repeat=None if args.no_repeat else "first", only=args.only, command=command)
+    path = reproduce(args.paper, b, data_root, work, Path(args.reports), wandb=not args.no_wandb,
+                     repeat=None if args.no_repeat else args.repeat, only=args.only, command=command)
     print(f"[structvae] report: {path}")
     return 0

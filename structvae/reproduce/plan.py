@@ -69,7 +69,7 @@ BUDGETS: dict[str, Budget] = {
                     classifier_epochs=1, network_free_epochs=1, batch_size=32, jobs=1),
     # ~30–40 min per paper on 2 CPU cores shared with other work: the MNIST test-file split, 2 seeds, short
     # training (measured: ~2 min per epoch per run under a load of ~12 on 2 cores, ~10 s when idle).
-    "cpu": Budget(name="cpu", epochs={"spatial-vae": 10, "sos-vae": 8}, seeds=2, split="auto", nll_items=200,
+    "cpu": Budget(name="cpu", epochs={"spatial-vae": 5, "sos-vae": 5}, seeds=2, split="auto", nll_items=200,
                   nll_k=50, fd_samples=2_000, classifier_epochs=3, network_free_epochs=8),
     # What a user with the full data and a GPU runs: standard split, the configs' own epochs, 3 seeds.
     "full": Budget(name="full", epochs={"spatial-vae": 100, "sos-vae": 50}, seeds=3, split="standard",

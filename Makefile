@@ -10,8 +10,11 @@ ARGS ?=
 CKPT ?=
 N ?= 50000
 SWEEP ?= svae_lowrank_celeba
+PAPER ?= spatial-vae
+BUDGET ?= cpu
+DATA ?= data/mnist
 
-.PHONY: install test test-fast lint format train fid sweep benchmark clean
+.PHONY: install test test-fast lint format train fid sweep reproduce benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +48,9 @@ fid: install
 
 sweep: install
 	$(PY) -m structvae sweep configs/sweep/$(SWEEP).yaml $(ARGS)
+
+reproduce: install
+	$(PY) -m structvae reproduce $(PAPER) --budget $(BUDGET) --data-root $(DATA) $(ARGS)
 
 benchmark: install
 	$(PY) benchmarks/lowrank_likelihood.py

@@ -75,9 +75,9 @@ def constraints_and_variance(model, images: Tensor, batch_size: int = 250, num_p
             out["kl"] = float(torch.cat(kl).mean())
             out["entropy"] = float(torch.cat(entropy).mean())
             out["variance_posterior"] = float(torch.cat(var_post).mean())
+            targets = model.objective.targets() if hasattr(model.objective, "targets") else {}
             for name in ("kl", "entropy"):
-                constraint = getattr(model.objective, name, None)
-                out[f"{name}_target"] = float(constraint.target) if constraint is not None else None
+                out[f"{name}_target"] = float(targets[name]) if name in targets else None
         out["variance_prior"] = float(model.sample_prior(num_prior).variance.mean())
     return out
 

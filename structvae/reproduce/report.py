@@ -32,8 +32,9 @@ PAPER_COLUMNS = {
 }
 CURVES = {
     "spatial-vae": [("val/elbo", "validation ELBO (nats)"), ("parzen/val_log_likelihood", "Parzen LL, 1k samples")],
-    "sos-vae": [("val/log_likelihood", "validation log p(x|z)"), ("val/kl", "validation KL"),
-                ("val/entropy", "validation entropy"), ("parzen/val_log_likelihood", "Parzen LL, 1k samples")],
+    "sos-vae": [("val/log_likelihood", "validation log p(x|z)"), ("val/kl", "validation KL (dotted: target)"),
+                ("val/entropy", "validation entropy (dotted: target)"),
+                ("val/pixel_variance", "validation mean pixel variance")],
 }
 
 
@@ -139,15 +140,20 @@ def plot_curves(paper: str, experiments: list[Experiment], runs: list, out: Path
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for i, e in enumerate(experiments):
-            for (exp, seed, rep), run_dir, _ in runs:
+            for (exp, seed, rep), run_dir, result in runs:
                 points = _curves(run_dir).get(key, []) if exp.key == e.key and not rep else []
                 if points:
                     ax.plot(*zip(*points, strict=True), color=f"C{i}", lw=1.5 if seed == 0 else 0.7,
                             ls="-" if seed == 0 else "--", label=e.key if seed == 0 else None)
+                target = result.get(key.removeprefix("val/") + "_target") if points and seed == 0 else None
+                if target is not None:
+                    ax.axhline(target, color=f"C{i}", ls=":", lw=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
-        if key.endswith("entropy") or key.endswith("log_likelihood") and paper == "sos-vae":
+        if paper == "sos-vae" and key.endswith(("entropy", "log_likelihood")):
             ax.set_yscale("symlog")
+        if key.endswith("pixel_variance"):
+            ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -87,7 +87,7 @@ def test_bad_arguments_fail_with_one_line(digits_ckpt, tmp_path, capsys, args, m
 
 def test_image_grid_logger_draws_named_rows(digits_ckpt):
     from structvae.evaluate import load_checkpoint
-    from structvae.explore.cli import validation_images
+    from structvae.explore import validation_images
 
     model, datamodule = load_checkpoint(digits_ckpt, device="cpu")
     logger = ImageGridLogger(num_images=4)

@@ -34,6 +34,7 @@ from structvae.explore.latent import (
     prior_samples,
     reconstructions,
     traverse,
+    validation_images,
 )
 from structvae.explore.observation import (
     component_scaling,
@@ -53,6 +54,7 @@ __all__ = [
     "render", "save", "to_rgb",
     "LatentSelection", "decode_means", "every_location", "every_map", "interpolation", "latent_path",
     "latent_traversal", "posterior_means", "posterior_summary", "prior_samples", "reconstructions", "traverse",
+    "validation_images",
     "component_scaling", "conditional_edit", "covariance_maps", "covariance_row", "default_stroke",
     "factor_noise_slerp", "pixel_index", "principal_component_walk", "rectangle_mask", "stroke_mask",
 ]

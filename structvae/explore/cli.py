@@ -90,13 +90,6 @@ def default_out_dir(ckpt: Path) -> Path:
     return run / "explore" / ckpt.stem
 
 
-def validation_images(datamodule, num: int) -> torch.Tensor:
-    """The first ``num`` images of the validation split, [num, C, H, W]."""
-    from structvae.evaluate import _split_images
-
-    return _split_images(datamodule, "val", limit=num)
-
-
 def explore(model, images: torch.Tensor, out: Path, figures: list[str] | None = None,
             seed: int = 0) -> dict[str, Path]:
     """Write each requested figure (default: every one this model supports) as ``out/<name>.png``.
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, datamodule = load_checkpoint(ckpt, device=args.device)
-        images = validation_images(datamodule, args.images)
+        images = L.validation_images(datamodule, args.images)
         paths = explore(model, images, Path(args.out) if args.out else default_out_dir(ckpt), figures, args.seed)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         cause = find_data_error(err) or err

@@ -18,6 +18,13 @@ _SPATIAL_FAMILIES = ("NaiveSpatialPosterior, MatrixNormalPosterior, LowRankMatri
                      "FullMatrixNormalPosterior")
 
 
+def validation_images(datamodule, num: int) -> Tensor:
+    """The first ``num`` images of a data module's validation split, [num, C, H, W]."""
+    from structvae.evaluate import _split_images
+
+    return _split_images(datamodule, "val", limit=num)
+
+
 def posterior_means(model, images: Tensor) -> Tensor:
     """E[z | x] for images [B, C, H, W] → [B, *latent_shape]."""
     with evaluating(model):

@@ -1,14 +1,15 @@
 """Draw an :class:`~structvae.explore.ImageGrid` as a labelled PNG: title, row and column names, cells
 upscaled (nearest neighbour, so pixels stay pixels) to a viewable size.
 
-Pillow's ImageDraw (already a dependency; its bundled scalable font needs no system fonts) rather than
-matplotlib: a grid of equal cells with text is all a figure needs, and it stays a few milliseconds
+Pillow's ImageDraw (already a dependency; DejaVu Sans where installed, else Pillow's bundled font
+with ASCII stand-ins for Greek letters) rather than matplotlib: a grid of equal cells with text is all a figure needs, and it stays a few milliseconds
 per figure inside the training loop's per-epoch grid.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,18 +44,33 @@ def to_rgb(image: Tensor, scale: str) -> Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+# Pillow's bundled font has no Greek or maths glyphs: these stand in when DejaVu Sans is not installed.
+_ASCII = str.maketrans({"μ": "mu", "ω": "w", "σ": "sd", "θ": "theta", "ε": "eps", "×": "x", "−": "-", "·": "*",
+                        "ᵀ": "^T", "∈": "in", "≥": ">=", "→": "->", "≈": "~"})
+
+
+def _font(size: int) -> tuple[ImageFont.ImageFont, bool]:
+    """DejaVu Sans (Greek and maths symbols) when installed, else Pillow's bundled font; and whether
+    labels must fall back to ASCII."""
     try:
-        return ImageFont.load_default(size=size)
+        return ImageFont.truetype("DejaVuSans.ttf", size), False
+    except OSError:
+        pass
+    try:
+        return ImageFont.load_default(size=size), True
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        return ImageFont.load_default()
+        return ImageFont.load_default(), True
 
 
 def render(grid: ImageGrid, min_cell: int = 64, font_size: int = 11) -> Image.Image:
     """The grid as a PIL image: cells upscaled by an integer factor to at least ``min_cell`` pixels."""
     rows, cols, _, h, w = grid.images.shape
     factor = max(1, math.ceil(min_cell / max(h, w)))
-    font, title_font = _font(font_size), _font(font_size + 2)
+    (font, ascii_only), (title_font, _) = _font(font_size), _font(font_size + 2)
+    if ascii_only:
+        grid = replace(grid, title=grid.title.translate(_ASCII),
+                       row_labels=[r.translate(_ASCII) for r in grid.row_labels],
+                       col_labels=[c.translate(_ASCII) for c in grid.col_labels])
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def size(text: str, f=font) -> tuple[int, int]:

@@ -174,6 +174,15 @@ def test_traversals_change_only_the_chosen_entries(model, z):
     assert [s.label for s in E.every_map((6,))][:2] == ["z[0]", "z[1]"]
 
 
+def test_maps_by_use_orders_by_posterior_std(model):
+    images = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    order = E.maps_by_use(model, images)
+    std = model.encode(images).variance.sqrt().mean((0, 2, 3))
+    assert sorted(order) == [0, 1, 2] and std[order].diff().ge(0).all()
+    vector = tiny_model(posterior=VectorGaussianPosterior(latent_dim=6))
+    assert sorted(E.maps_by_use(vector, images)) == list(range(6))
+
+
 def test_interpolation_paths_start_and_end_at_the_posterior_means(model):
     g = torch.Generator().manual_seed(2)
     a, b = (torch.rand(2, *SHAPE, generator=g, dtype=torch.float64) for _ in range(2))

@@ -39,7 +39,8 @@ def _traversal(model, images: torch.Tensor, seed: int) -> dict[str, ImageGrid]:
     z = L.posterior_means(model, images[:1])
     out = {"traversal": L.latent_traversal(model, z, L.every_map(shape))}
     if len(shape) == 3:
-        out["traversal_locations"] = L.latent_traversal(model, z, L.every_location(shape, map=0))
+        busiest = L.maps_by_use(model, images)[0]
+        out["traversal_locations"] = L.latent_traversal(model, z, L.every_location(shape, map=busiest))
     return out
 
 

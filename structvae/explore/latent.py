@@ -183,6 +183,15 @@ def every_location(latent_shape: Sequence[int], map: int = 0) -> list[LatentSele
     return [LatentSelection(map=map, location=(i, j)) for i in range(h) for j in range(w)]
 
 
+def maps_by_use(model, images: Tensor) -> list[int]:
+    """Maps of a spatial latent (or coordinates of a vector one), most used first: sorted by the mean
+    posterior standard deviation over ``images`` (a map the model ignores keeps std ≈ 1, the prior's)."""
+    with evaluating(model):
+        std = model.encode(images.to(model.device)).variance.sqrt()
+    per_map = std.flatten(2).mean((0, 2)) if std.dim() == 4 else std.mean(0)
+    return per_map.argsort().tolist()
+
+
 def prior_samples(models: Mapping[str, object] | object, num: int = 8, seed: int = 0) -> ImageGrid:
     """Prior draws z ~ N(0, I) decoded by each model: a "mean" row (likelihood mean) and a "sample" row
     (a draw of p(x|z)) per model, side by side (e.g. one model per posterior family)."""

@@ -201,6 +201,7 @@ def conditional_edit(model, z: Tensor, mask: Tensor, values: Tensor, num_samples
         p = require_low_rank(model.decode(z), "conditional editing", model.likelihood)
         batch = z.shape[0]
         values = values.to(p.mean.device, p.mean.dtype)
+        mask = mask.to(p.mean.device)
         cond_mean = p.conditional_mean(mask, values)
         gen = as_generator(generator, z.device)
         noise = torch.randn(num_samples, batch, p.rank, generator=gen, device=z.device, dtype=p.mean.dtype)

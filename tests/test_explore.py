@@ -222,3 +222,20 @@ def test_render_upscales_labels_and_colours_signed_maps():
         E.ImageGrid("t", images, ["a", "b"], ["x", "y", "z"])
     with pytest.raises(ValueError, match="labels"):
         E.ImageGrid("t", images, ["a"], ["x", "y", "z"], row_scales=["signed"])
+
+
+def test_painting_widget_clicks_paint_and_redraw_the_conditional(model, z):
+    pytest.importorskip("ipywidgets")
+    painter = E.PaintingWidget(model, z[0], num_samples=1)
+    assert len(painter.buttons) == 64 and painter.figure is None
+    painter.value.value = 0.8
+    painter.buttons[3 * 8 + 5].click()  # what a click in the browser does
+    painter.click(6, 1)
+    assert painter.painted.sum() == 2 and painter.painted[3, 5] and painter.painted[6, 1]
+    mask = painter.figure.values["mask"]
+    assert torch.equal(mask, painter.painted.flatten())
+    assert torch.allclose(painter.figure.values["conditional_mean"][0, mask].float(), torch.full((2,), 0.8))
+    assert painter.buttons[3 * 8 + 5].style.button_color == "#cccccc"
+    painter.click(6, 1)
+    painter.click(3, 5)  # un-painting everything clears the figure
+    assert not painter.painted.any() and painter.figure is None

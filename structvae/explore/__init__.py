@@ -49,8 +49,10 @@ from structvae.explore.observation import (
     rectangle_mask,
     stroke_mask,
 )
+from structvae.explore.widget import PaintingWidget
 
 __all__ = [
+    "PaintingWidget",
     "LOW_RANK_LIKELIHOODS", "SCALES", "ImageGrid", "has_low_rank_likelihood", "lerp", "slerp",
     "render", "save", "to_rgb",
     "LatentSelection", "decode_means", "every_location", "every_map", "interpolation", "latent_path",

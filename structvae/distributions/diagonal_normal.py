@@ -8,21 +8,19 @@ univariate normal, so the spatial arrangement only changes the reshape, not the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints
+from torch.distributions import constraints
 
-from structvae.distributions._checks import check_broadcastable, check_finite, check_positive, linalg_dtype
+from structvae.distributions._checks import (
+    LOG_2PI,
+    check_broadcastable,
+    check_finite,
+    check_parameters,
+    linalg_dtype,
+    resolve_validate_args,
+)
 from structvae.distributions.base import LatentDistribution
-
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def _resolve_validate(validate_args: bool | None) -> bool:
-    # ``None`` means torch's global default, exactly as in ``torch.distributions``.
-    return bool(Distribution._validate_args) if validate_args is None else bool(validate_args)
 
 
 class DiagonalNormal(LatentDistribution):
@@ -45,7 +43,7 @@ class DiagonalNormal(LatentDistribution):
     because summing thousands of per-entry terms in a half type loses the KL's low-order digits.
     """
 
-    arg_constraints: dict = {}  # checked by hand so the error names the argument
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     support = constraints.real
     has_rsample = True
 
@@ -56,11 +54,9 @@ class DiagonalNormal(LatentDistribution):
         event_ndims: int | None = None,
         validate_args: bool | None = None,
     ) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = resolve_validate_args(validate_args)
         if validate:
-            check_finite("loc", loc)
-            check_finite("scale", scale)
-            check_positive("scale", scale)
+            check_parameters(self.arg_constraints, {"loc": loc, "scale": scale})
             shape = check_broadcastable("scale", scale.shape, "loc", loc.shape)
         else:
             shape = torch.broadcast_shapes(loc.shape, scale.shape)
@@ -73,7 +69,8 @@ class DiagonalNormal(LatentDistribution):
         self.loc, self.scale = torch.broadcast_tensors(loc, scale)
         self.event_ndims = int(event_ndims)
         split = len(shape) - self.event_ndims
-        super().__init__(shape[:split], shape[split:], validate_args=validate)
+        super().__init__(shape[:split], shape[split:], validate_args=False)  # checked above
+        self._validate_args = validate
 
     # -- moments -------------------------------------------------------------------------------
     @property
@@ -114,12 +111,12 @@ class DiagonalNormal(LatentDistribution):
             self._check_value(value)
         loc, scale, z = self._work(self.loc), self._work(self.scale), self._work(value)
         white = (z - loc) / scale
-        return self._event_sum(-0.5 * white.pow(2) - scale.log() - 0.5 * _LOG_2PI)
+        return self._event_sum(-0.5 * white.pow(2) - scale.log() - 0.5 * LOG_2PI)
 
     def entropy(self) -> Tensor:
         """``sum_event [log scale + (1 + log 2 pi)/2]``, shape ``[*batch]``."""
         scale = self._work(self.scale)
-        return self._event_sum(scale.log() + 0.5 * (1.0 + _LOG_2PI))
+        return self._event_sum(scale.log() + 0.5 * (1.0 + LOG_2PI))
 
     def kl_to_standard_normal(self) -> Tensor:
         """KL(N(loc, scale^2) || N(0, 1)) = ``sum_event (scale^2 + loc^2 - 1 - 2 log scale) / 2``."""

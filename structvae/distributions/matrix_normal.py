@@ -24,31 +24,26 @@ posterior families in :mod:`structvae.latent.posteriors` pick a canonical balanc
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.distributions import constraints
 
 from structvae.distributions._checks import (
+    LOG_2PI,
     check_broadcastable,
     check_finite,
-    check_lower_cholesky,
     check_ndim,
-    check_positive,
+    check_parameters,
     check_trailing_shape,
     linalg_dtype,
+    resolve_validate_args,
 )
 from structvae.distributions.base import LatentDistribution
-from structvae.distributions.diagonal_normal import _resolve_validate
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class _MatrixNormalBase(LatentDistribution):
     """Shared shape handling and value checks for ``[*batch, N, n, p]`` matrix-normal latents."""
 
-    arg_constraints: dict = {}  # checked by hand so the error names the argument
     support = constraints.independent(constraints.real, 3)
     has_rsample = True
 
@@ -107,6 +102,12 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
     Batch dims of the three arguments broadcast; the event dims must agree exactly.
     """
 
+    arg_constraints = {
+        "loc": constraints.independent(constraints.real, 3),
+        "row_var": constraints.independent(constraints.positive, 2),
+        "col_var": constraints.independent(constraints.positive, 2),
+    }
+
     def __init__(
         self,
         loc: Tensor,
@@ -114,22 +115,20 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
         col_var: Tensor,
         validate_args: bool | None = None,
     ) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = resolve_validate_args(validate_args)
         if validate:
             check_ndim("loc", loc, 3, "[*batch, N, n, p]")
             n_maps, n, p = loc.shape[-3:]
             check_trailing_shape("row_var", row_var, (n_maps, n), "(N, n) =")
             check_trailing_shape("col_var", col_var, (n_maps, p), "(N, p) =")
-            for name, t in (("loc", loc), ("row_var", row_var), ("col_var", col_var)):
-                check_finite(name, t)
-            check_positive("row_var", row_var)
-            check_positive("col_var", col_var)
+            check_parameters(self.arg_constraints, {"loc": loc, "row_var": row_var, "col_var": col_var})
             batch = check_broadcastable("row_var", row_var.shape[:-2], "loc", loc.shape[:-3])
             batch = check_broadcastable("col_var", col_var.shape[:-2], "loc and row_var", batch)
         else:
             batch = torch.broadcast_shapes(loc.shape[:-3], row_var.shape[:-2], col_var.shape[:-2])
         self.loc, self.row_var, self.col_var = loc, row_var, col_var
-        super().__init__(batch, loc.shape[-3:], validate_args=validate)
+        super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
+        self._validate_args = validate
 
     @property
     def variance(self) -> Tensor:
@@ -172,12 +171,12 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
         white = diff / self._work(self._row_std()).unsqueeze(-1) / self._work(self._col_std()).unsqueeze(-2)
         maha = white.pow(2).sum((-2, -1))
         n, p = self.num_rows, self.num_cols
-        return (-0.5 * (maha + self._log_det_cov() + n * p * _LOG_2PI)).sum(-1)
+        return (-0.5 * (maha + self._log_det_cov() + n * p * LOG_2PI)).sum(-1)
 
     def entropy(self) -> Tensor:
         """``Σ_k [½ n p (1 + log 2π) + ½ (p log|Ω_k| + n log|Ψ_k|)]``, shape ``[*batch]``."""
         n, p = self.num_rows, self.num_cols
-        h = 0.5 * n * p * (1.0 + _LOG_2PI) + 0.5 * self._log_det_cov()
+        h = 0.5 * n * p * (1.0 + LOG_2PI) + 0.5 * self._log_det_cov()
         return h.sum(-1).expand(self.batch_shape)
 
     def kl_to_standard_normal(self) -> Tensor:
@@ -208,6 +207,12 @@ class MatrixNormal(_MatrixNormalBase):
     upper triangles are assumed zero (checked only when validating).
     """
 
+    arg_constraints = {
+        "loc": constraints.independent(constraints.real, 3),
+        "row_scale_tril": constraints.independent(constraints.lower_cholesky, 1),
+        "col_scale_tril": constraints.independent(constraints.lower_cholesky, 1),
+    }
+
     def __init__(
         self,
         loc: Tensor,
@@ -215,20 +220,16 @@ class MatrixNormal(_MatrixNormalBase):
         col_scale_tril: Tensor,
         validate_args: bool | None = None,
     ) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = resolve_validate_args(validate_args)
         if validate:
             check_ndim("loc", loc, 3, "[*batch, N, n, p]")
             n_maps, n, p = loc.shape[-3:]
             check_trailing_shape("row_scale_tril", row_scale_tril, (n_maps, n, n), "(N, n, n) =")
             check_trailing_shape("col_scale_tril", col_scale_tril, (n_maps, p, p), "(N, p, p) =")
-            for name, t in (
-                ("loc", loc),
-                ("row_scale_tril", row_scale_tril),
-                ("col_scale_tril", col_scale_tril),
-            ):
-                check_finite(name, t)
-            check_lower_cholesky("row_scale_tril", row_scale_tril)
-            check_lower_cholesky("col_scale_tril", col_scale_tril)
+            check_parameters(
+                self.arg_constraints,
+                {"loc": loc, "row_scale_tril": row_scale_tril, "col_scale_tril": col_scale_tril},
+            )
             batch = check_broadcastable("row_scale_tril", row_scale_tril.shape[:-3], "loc", loc.shape[:-3])
             batch = check_broadcastable(
                 "col_scale_tril", col_scale_tril.shape[:-3], "loc and row_scale_tril", batch
@@ -238,7 +239,8 @@ class MatrixNormal(_MatrixNormalBase):
                 loc.shape[:-3], row_scale_tril.shape[:-3], col_scale_tril.shape[:-3]
             )
         self.loc, self.row_scale_tril, self.col_scale_tril = loc, row_scale_tril, col_scale_tril
-        super().__init__(batch, loc.shape[-3:], validate_args=validate)
+        super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
+        self._validate_args = validate
 
     @property
     def row_covariance(self) -> Tensor:
@@ -290,12 +292,12 @@ class MatrixNormal(_MatrixNormalBase):
             self._check_value(value)
         diff = self._work(value) - self._work(self.loc)
         n, p = self.num_rows, self.num_cols
-        return (-0.5 * (self._mahalanobis(diff) + self._log_det_cov() + n * p * _LOG_2PI)).sum(-1)
+        return (-0.5 * (self._mahalanobis(diff) + self._log_det_cov() + n * p * LOG_2PI)).sum(-1)
 
     def entropy(self) -> Tensor:
         """``Σ_k [½ n p (1 + log 2π) + ½ (p log|U_k| + n log|V_k|)]``, shape ``[*batch]``."""
         n, p = self.num_rows, self.num_cols
-        h = 0.5 * n * p * (1.0 + _LOG_2PI) + 0.5 * self._log_det_cov()
+        h = 0.5 * n * p * (1.0 + LOG_2PI) + 0.5 * self._log_det_cov()
         return h.sum(-1).expand(self.batch_shape)
 
     def kl_to_standard_normal(self) -> Tensor:

@@ -41,6 +41,8 @@ class DiagonalNormal(LatentDistribution):
     Reductions (``log_prob``, ``entropy``, KL) are computed and returned in
     :func:`~structvae.distributions._checks.linalg_dtype` of the parameters (fp32 for bf16/fp16),
     because summing thousands of per-entry terms in a half type loses the KL's low-order digits.
+    Samples keep ``loc``'s dtype (a posterior built from bf16 encoder output has a bf16 ``loc`` and
+    fp32 ``scale``: bf16 samples for the decoder, exact densities).
     """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
@@ -93,8 +95,8 @@ class DiagonalNormal(LatentDistribution):
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
         """Reparameterised draw ``loc + scale * eps``, shape ``[*sample_shape, *batch, *event]``."""
         shape = self._extended_shape(torch.Size(sample_shape))
-        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + self.scale * eps
+        eps = torch.randn(shape, dtype=self.scale.dtype, device=self.loc.device)
+        return (self.loc + self.scale * eps).to(self.loc.dtype)
 
     # -- densities -----------------------------------------------------------------------------
     def _event_sum(self, x: Tensor) -> Tensor:

@@ -20,6 +20,10 @@ down the ``p log|U| + n log|V|`` exponents (they are indistinguishable when ``n 
 Note the scale ambiguity ``MN(M, cU, V/c) = MN(M, U, V)``: only the Kronecker product is
 identifiable. Every quantity computed here depends on ``(U, V)`` only through ``V ⊗ U``; the
 posterior families in :mod:`structvae.latent.posteriors` pick a canonical balance.
+
+Precision: log-dets, solves and reductions run in fp32 (fp64 for fp64 inputs) and autocast is off
+in ``rsample``; samples are returned in ``loc``'s dtype, so a bf16 ``loc`` with fp32 covariance
+factors (what the posterior families build from bf16 encoder output) gives bf16 samples.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from structvae.distributions._checks import (
     check_ndim,
     check_parameters,
     check_trailing_shape,
+    full_precision,
     linalg_dtype,
     resolve_validate_args,
 )
@@ -69,9 +74,10 @@ class _MatrixNormalBase(LatentDistribution):
         # Triangular solves and log-dets are not implemented / not accurate in half precision.
         return x.to(linalg_dtype(self.loc.dtype))
 
-    def _noise(self, sample_shape: torch.Size | tuple[int, ...]) -> Tensor:
+    def _noise(self, sample_shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """Standard normal ``[*sample_shape, *batch, N, n, p]`` in ``dtype`` (that of the covariance factors)."""
         shape = self._extended_shape(torch.Size(sample_shape))
-        return torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return torch.randn(shape, dtype=dtype, device=self.loc.device)
 
     def _check_value(self, value: Tensor) -> None:
         check_trailing_shape("value", value, tuple(self.event_shape), "the event shape (N, n, p)")
@@ -150,9 +156,10 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
         """``Z = M + Ω^{1/2} E Ψ^{1/2}`` (eq. 3.8 reparameterisation), ``[*S, *batch, N, n, p]``."""
-        eps = self._noise(sample_shape)
+        row_std, col_std = self._row_std(), self._col_std()
+        eps = self._noise(sample_shape, torch.promote_types(row_std.dtype, col_std.dtype))
         # Scale rows and columns separately rather than forming ω_i ψ_j, which can overflow in half precision.
-        return self.loc + self._row_std().unsqueeze(-1) * eps * self._col_std().unsqueeze(-2)
+        return (self.loc + row_std.unsqueeze(-1) * eps * col_std.unsqueeze(-2)).to(self.loc.dtype)
 
     def _log_dets(self) -> tuple[Tensor, Tensor]:
         """``(log|Ω|, log|Ψ|)`` per map, each ``[*batch, N]``."""
@@ -263,10 +270,12 @@ class MatrixNormal(_MatrixNormalBase):
     def stddev(self) -> Tensor:
         return self.variance.sqrt()
 
+    @full_precision
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
         """``Z = M + A E Bᵀ``, shape ``[*S, *batch, N, n, p]``; differentiable in M, A, B."""
-        eps = self._noise(sample_shape)
-        return self.loc + self.row_scale_tril @ eps @ self.col_scale_tril.mT
+        a, b = self.row_scale_tril, self.col_scale_tril
+        eps = self._noise(sample_shape, torch.promote_types(a.dtype, b.dtype))
+        return (self.loc + a @ eps @ b.mT).to(self.loc.dtype)
 
     def _log_dets(self) -> tuple[Tensor, Tensor]:
         """``(log|U|, log|V|) = (2 Σ log A_ii, 2 Σ log B_jj)`` per map, each ``[*batch, N]``."""

@@ -45,7 +45,6 @@ class DiagonalNormal(LatentDistribution):
     fp32 ``scale``: bf16 samples for the decoder, exact densities).
     """
 
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
     support = constraints.real
     has_rsample = True
 
@@ -58,7 +57,6 @@ class DiagonalNormal(LatentDistribution):
     ) -> None:
         validate = resolve_validate_args(validate_args)
         if validate:
-            check_parameters(self.arg_constraints, {"loc": loc, "scale": scale})
             shape = check_broadcastable("scale", scale.shape, "loc", loc.shape)
         else:
             shape = torch.broadcast_shapes(loc.shape, scale.shape)
@@ -68,11 +66,21 @@ class DiagonalNormal(LatentDistribution):
             raise ValueError(
                 f"event_ndims must be in [0, {len(shape)}] for parameters of shape {tuple(shape)}, got {event_ndims}"
             )
-        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
         self.event_ndims = int(event_ndims)
+        if validate:
+            check_parameters(self.arg_constraints, {"loc": loc, "scale": scale})
+        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
         split = len(shape) - self.event_ndims
         super().__init__(shape[:split], shape[split:], validate_args=False)  # checked above
         self._validate_args = validate
+
+    @property
+    def arg_constraints(self) -> dict[str, constraints.Constraint]:  # type: ignore[override]
+        """``loc`` real, ``scale`` positive, both with this instance's ``event_ndims`` as event dims."""
+        return {
+            "loc": constraints.independent(constraints.real, self.event_ndims),
+            "scale": constraints.independent(constraints.positive, self.event_ndims),
+        }
 
     # -- moments -------------------------------------------------------------------------------
     @property

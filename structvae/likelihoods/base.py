@@ -12,7 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from torch import Tensor, nn
-from torch.distributions import Distribution
+
+from structvae.distributions.base import ObservationDistribution
 
 
 class ObservationLikelihood(nn.Module, ABC):
@@ -26,6 +27,7 @@ class ObservationLikelihood(nn.Module, ABC):
         self.image_shape: tuple[int, int, int] | None = None
 
     def build(self, feature_channels: int, image_shape: tuple[int, int, int]) -> ObservationLikelihood:
+        """Create the heads for decoder features with ``feature_channels`` channels and images ``(C, H, W)``."""
         self.image_shape = tuple(image_shape)
         self._build(feature_channels, self.image_shape)
         return self
@@ -35,8 +37,13 @@ class ObservationLikelihood(nn.Module, ABC):
         """Create the head layers."""
 
     @abstractmethod
-    def forward(self, features: Tensor, validate_args: bool = False) -> Distribution:
-        """features ``[B, F, H, W]`` → p(x|z) with ``batch_shape (B,)``, ``event_shape (S,)``."""
+    def forward(self, features: Tensor, validate_args: bool = False) -> ObservationDistribution:
+        """features ``[B, F, H, W]`` → p(x|z) with ``batch_shape (B,)``, ``event_shape (S,)``.
+
+        The result offers ``mean``, ``variance``, ``sample``, ``log_prob``, ``entropy``
+        (:class:`~structvae.distributions.base.ObservationDistribution`); a likelihood with correlated
+        pixels also offers ``covariance_row`` (:class:`~structvae.distributions.base.StructuredCovariance`).
+        """
 
     @abstractmethod
     def mean_parameters(self) -> Iterator[nn.Parameter]:
@@ -46,8 +53,3 @@ class ObservationLikelihood(nn.Module, ABC):
         """Parameters of the heads that predict (co)variances: frozen during the mean-only warm-up."""
         mean_ids = {id(p) for p in self.mean_parameters()}
         return (p for p in self.parameters() if id(p) not in mean_ids)
-
-    @property
-    def event_size(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w

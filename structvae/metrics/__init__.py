@@ -24,6 +24,7 @@ from structvae.metrics.fid import (
     to_inception_uint8,
 )
 from structvae.metrics.nll import (
+    ApproximatePosterior,
     ImageLikelihood,
     LatentVariableModel,
     MeanNLL,
@@ -51,6 +52,7 @@ __all__ = [
     "INCEPTION_WEIGHTS_ENV",
     "INCEPTION_WEIGHTS_FILENAME",
     "INCEPTION_WEIGHTS_URL",
+    "ApproximatePosterior",
     "BandwidthScore",
     "BandwidthSelection",
     "FIDResult",

@@ -25,13 +25,13 @@ noise, no offset, bits/dim = nll_nats / (D ln 2).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from structvae.distributions.base import ApproximatePosterior
 from structvae.metrics._pooled import PooledMeanMetric
 
 __all__ = [
@@ -39,7 +39,8 @@ __all__ = [
     "LatentVariableModel",
     "MeanNLL",
     "NLLResult",
-    "Posterior",
+    "ApproximatePosterior",
+    "Posterior",  # deprecated alias of ApproximatePosterior
     "bits_per_dim",
     "dequantize",
     "importance_sampled_nll",
@@ -49,14 +50,8 @@ _LOG_256 = math.log(256.0)
 _LOG_2 = math.log(2.0)
 
 
-class Posterior(Protocol):
-    """q(z|x) for a batch of B images: ``rsample(sample_shape)`` → ``[*sample_shape, B, *latent]``."""
-
-    def rsample(self, sample_shape: torch.Size | Sequence[int] = ...) -> Tensor: ...
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        """``value`` ``[K, B, *latent]`` → ``[K, B]`` (reduced over the latent event)."""
-        ...
+#: Former name of :class:`~structvae.distributions.base.ApproximatePosterior` (deprecated alias).
+Posterior = ApproximatePosterior
 
 
 class ImageLikelihood(Protocol):
@@ -69,7 +64,7 @@ class ImageLikelihood(Protocol):
 class LatentVariableModel(Protocol):
     """What :func:`importance_sampled_nll` needs from a VAE (put the model in ``eval()`` mode first).
 
-    * ``encode(x [B, C, H, W])`` → :class:`Posterior` q(z|x);
+    * ``encode(x [B, C, H, W])`` → :class:`ApproximatePosterior` q(z|x);
     * ``decode(z [K·B, *latent])`` → :class:`ImageLikelihood` over ``[K·B, S]``, ``S = C·H·W``;
     * ``prior_log_prob(z [K, B, *latent])`` → ``[K, B]``;
     * ``likelihood_is_discrete``: True for a probability mass function (Bernoulli): no dequantisation.
@@ -77,7 +72,7 @@ class LatentVariableModel(Protocol):
 
     likelihood_is_discrete: bool
 
-    def encode(self, x: Tensor) -> Posterior: ...
+    def encode(self, x: Tensor) -> ApproximatePosterior: ...
 
     def decode(self, z: Tensor) -> ImageLikelihood: ...
 

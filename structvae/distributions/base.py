@@ -51,6 +51,20 @@ class LatentDistribution(Distribution, metaclass=ABCMeta):
         """KL(q || N(0, I)) per item, shape ``[B]``."""
 
 
+class MeanIsLoc:
+    """Mixin of location families: ``mean`` and ``mode`` are the ``loc`` parameter (same shape)."""
+
+    loc: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> Tensor:
+        return self.loc
+
+
 @runtime_checkable
 class ApproximatePosterior(Protocol):
     """q(z|x) for a batch of B images, as much as importance sampling needs."""

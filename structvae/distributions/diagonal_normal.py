@@ -20,10 +20,10 @@ from structvae.distributions._checks import (
     linalg_dtype,
     resolve_validate_args,
 )
-from structvae.distributions.base import LatentDistribution
+from structvae.distributions.base import LatentDistribution, MeanIsLoc
 
 
-class DiagonalNormal(LatentDistribution):
+class DiagonalNormal(MeanIsLoc, LatentDistribution):
     r"""Independent normals ``z ~ N(loc, scale^2)`` reduced over the trailing ``event_ndims`` dims.
 
     Args:
@@ -83,14 +83,6 @@ class DiagonalNormal(LatentDistribution):
         }
 
     # -- moments -------------------------------------------------------------------------------
-    @property
-    def mean(self) -> Tensor:
-        return self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        return self.loc
-
     @property
     def stddev(self) -> Tensor:
         return self.scale

@@ -51,10 +51,11 @@ from structvae.distributions._checks import (
     resolve_validate_args,
 )
 from structvae.distributions._lowrank_kernels import CapacitanceCache, ColumnLayout, LowRankGaussianTerms
+from structvae.distributions.base import MeanIsLoc
 from structvae.distributions.lowrank_structure import ConditioningMixin, PrincipalComponentsMixin
 
 
-class LowRankMultivariateNormal(PrincipalComponentsMixin, ConditioningMixin, Distribution):
+class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, ConditioningMixin, Distribution):
     """N(loc, cov_factor cov_factor^T + diag(cov_diag)) over flattened images (SOS-VAE likelihood).
 
     Shapes (``S`` pixels, ``R`` rank, batch dims broadcast among the three parameters):
@@ -153,15 +154,6 @@ class LowRankMultivariateNormal(PrincipalComponentsMixin, ConditioningMixin, Dis
     def cov_diag(self) -> Tensor:
         """D broadcast to [*batch_shape, S] (a view; for scalar eps it is in the compute dtype)."""
         return self._D.expand(self.batch_shape + self.event_shape)
-
-    @property
-    def mean(self) -> Tensor:
-        """[*batch_shape, S]."""
-        return self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        return self.loc
 
     @property
     def variance(self) -> Tensor:

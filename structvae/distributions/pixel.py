@@ -30,9 +30,10 @@ from structvae.distributions._checks import (
     linalg_dtype,
     resolve_validate_args,
 )
+from structvae.distributions.base import MeanIsLoc
 
 
-class IndependentNormal(Distribution):
+class IndependentNormal(MeanIsLoc, Distribution):
     """prod_i N(x_i; loc_i, scale_i^2) over S pixels.
 
     ``loc``: [..., S]. ``scale`` (standard deviation): [..., S] tensor (learned, e.g. a decoder head) or a
@@ -78,14 +79,6 @@ class IndependentNormal(Distribution):
     def scale(self) -> Tensor:
         """Standard deviation broadcast to [*batch_shape, S] (a view)."""
         return self._scale.expand(self.batch_shape + self.event_shape)
-
-    @property
-    def mean(self) -> Tensor:
-        return self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        return self.loc
 
     @property
     def stddev(self) -> Tensor:

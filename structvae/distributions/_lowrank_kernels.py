@@ -90,6 +90,7 @@ class LowRankGaussianTerms(torch.autograd.Function):
         ctx: Any, P: Tensor, D: Tensor, r: Tensor | None, L: Tensor | None, check: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         # Autocast would run these matmuls in bf16/fp16 and defeat the compute-dtype promise.
+        """Shapes in the class docstring; autocast is off so the compute dtype is kept."""
         with torch.autocast(P.device.type, enabled=False):
             return LowRankGaussianTerms._forward(ctx, P, D, r, L, check)
 
@@ -137,6 +138,7 @@ class LowRankGaussianTerms(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, g_ld: Tensor | None, g_maha: Tensor | None, _g_l: Tensor | None
     ) -> tuple[Tensor | None, ...]:
+        """Closed-form gradients for ``(P, D, r)`` from those of ``(logdet_C [n], maha [n, N])``."""
         with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
             return LowRankGaussianTerms._backward(ctx, g_ld, g_maha)
 

@@ -58,10 +58,12 @@ class MeanIsLoc:
 
     @property
     def mean(self) -> Tensor:
+        """``loc``, ``[*batch_shape, *event_shape]``."""
         return self.loc
 
     @property
     def mode(self) -> Tensor:
+        """``loc`` (a normal's mode is its mean), ``[*batch_shape, *event_shape]``."""
         return self.loc
 
 

@@ -85,10 +85,12 @@ class DiagonalNormal(MeanIsLoc, LatentDistribution):
     # -- moments -------------------------------------------------------------------------------
     @property
     def stddev(self) -> Tensor:
+        """``scale``, ``[*batch, *event]``."""
         return self.scale
 
     @property
     def variance(self) -> Tensor:
+        """``scale^2``, ``[*batch, *event]``."""
         return self.scale.pow(2)
 
     # -- sampling --------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class DiagonalNormal(MeanIsLoc, LatentDistribution):
         check_finite("value", value)
 
     def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance=None) -> DiagonalNormal:
+        """The same distribution broadcast to ``[*batch_shape, *event]`` (views, no validation)."""
         shape = torch.Size(batch_shape) + self.event_shape
         return DiagonalNormal(
             self.loc.expand(shape), self.scale.expand(shape), self.event_ndims, validate_args=False

@@ -287,6 +287,7 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: LowRankMultivariateNormal | None = None
     ) -> LowRankMultivariateNormal:
+        """The same distribution broadcast to ``[*batch_shape, S]``; shares P, D and the Cholesky cache."""
         new = self._get_checked_instance(LowRankMultivariateNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)

@@ -56,18 +56,22 @@ class _MatrixNormalBase(LatentDistribution):
 
     @property
     def num_rows(self) -> int:
+        """``n``, rows of each ``n x p`` map."""
         return int(self.event_shape[-2])
 
     @property
     def num_cols(self) -> int:
+        """``p``, columns of each ``n x p`` map."""
         return int(self.event_shape[-1])
 
     @property
     def mean(self) -> Tensor:
+        """``M``, ``[*batch, N, n, p]``."""
         return self.loc.expand(self.batch_shape + self.event_shape)
 
     @property
     def mode(self) -> Tensor:
+        """``M`` (the mode of a normal is its mean), ``[*batch, N, n, p]``."""
         return self.mean
 
     def _work(self, x: Tensor) -> Tensor:
@@ -145,6 +149,7 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
 
     @property
     def stddev(self) -> Tensor:
+        """``sqrt(ω_ki ψ_kj)``, ``[*batch, N, n, p]``."""
         std = self._row_std().unsqueeze(-1) * self._col_std().unsqueeze(-2)
         return std.expand(self.batch_shape + self.event_shape)
 
@@ -268,6 +273,7 @@ class MatrixNormal(_MatrixNormalBase):
 
     @property
     def stddev(self) -> Tensor:
+        """``sqrt(U_ii V_jj)``, ``[*batch, N, n, p]``."""
         return self.variance.sqrt()
 
     @full_precision

@@ -82,6 +82,7 @@ class IndependentNormal(MeanIsLoc, Distribution):
 
     @property
     def stddev(self) -> Tensor:
+        """``scale`` in the input dtype, ``[*batch_shape, S]``."""
         return self.scale.to(self.loc.dtype)
 
     @property
@@ -131,6 +132,7 @@ class IndependentNormal(MeanIsLoc, Distribution):
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: IndependentNormal | None = None
     ) -> IndependentNormal:
+        """The same distribution broadcast to ``[*batch_shape, S]`` (views, no validation)."""
         new = self._get_checked_instance(IndependentNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
@@ -178,10 +180,12 @@ class IndependentBernoulli(Distribution):
 
     @property
     def mean(self) -> Tensor:
+        """``sigmoid(logits)``, ``[*batch_shape, S]``."""
         return self.probs
 
     @property
     def mode(self) -> Tensor:
+        """1 where ``logits > 0`` else 0, ``[*batch_shape, S]`` (logits' dtype)."""
         return (self.logits > 0).to(self.logits.dtype)
 
     @property
@@ -212,6 +216,7 @@ class IndependentBernoulli(Distribution):
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: IndependentBernoulli | None = None
     ) -> IndependentBernoulli:
+        """The same distribution broadcast to ``[*batch_shape, S]`` (views, no validation)."""
         new = self._get_checked_instance(IndependentBernoulli, _instance)
         batch_shape = torch.Size(batch_shape)
         new.logits = self.logits.expand(batch_shape + self.event_shape)

@@ -154,6 +154,7 @@ class _SpatialPosteriorFamily(_PosteriorFamilyBase):
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
+        """``(N, d, d)``."""
         return (self.channels, self.size, self.size)
 
     def _maps(self, flat: Tensor) -> Tensor:
@@ -182,10 +183,12 @@ class VectorGaussianPosterior(_PosteriorFamilyBase):
 
     @property
     def num_outputs(self) -> int:
+        """``2C``."""
         return 2 * self.latent_dim
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
+        """``(C,)``."""
         return (self.latent_dim,)
 
     def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> DiagonalNormal:
@@ -210,6 +213,7 @@ class NaiveSpatialPosterior(_SpatialPosteriorFamily):
 
     @property
     def num_outputs(self) -> int:
+        """``2 d² N``."""
         return 2 * self.channels * self.size**2
 
     def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> DiagonalNormal:
@@ -240,6 +244,7 @@ class MatrixNormalPosterior(_SpatialPosteriorFamily):
 
     @property
     def num_outputs(self) -> int:
+        """``(d² + 2d) N``."""
         return (self.size**2 + 2 * self.size) * self.channels
 
     def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> DiagonalMatrixNormal:
@@ -272,6 +277,7 @@ class LowRankMatrixNormalPosterior(_SpatialPosteriorFamily):
 
     @property
     def num_outputs(self) -> int:
+        """``4 d N``."""
         return 4 * self.size * self.channels
 
     def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> DiagonalMatrixNormal:
@@ -312,6 +318,7 @@ class FullMatrixNormalPosterior(_SpatialPosteriorFamily):
 
     @property
     def num_outputs(self) -> int:
+        """``N (2d² + d)``."""
         return self.channels * (2 * self.size**2 + self.size)
 
     def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> MatrixNormal:

@@ -47,6 +47,7 @@ class ReferenceKey:
     extractor: str
 
     def filename(self) -> str:
+        """``<dataset>_<split>_<H>x<W>_n<count>_d<dim>_<extractor>.pt`` with unsafe characters replaced."""
         def clean(text: str) -> str:
             return re.sub(r"[^A-Za-z0-9.+-]+", "-", text)
 

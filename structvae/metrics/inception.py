@@ -39,6 +39,7 @@ class InceptionWeightsUnavailableError(RuntimeError):
 
 
 def weights_help(reason: str) -> str:
+    """``reason`` plus how to provide the Inception weights offline (one message for every failure)."""
     return (
         f"{reason}\nFID needs torch-fidelity's Inception-v3 weights. Either go online (they are downloaded "
         f"once into {os.path.join(torch.hub.get_dir(), 'checkpoints')}), or fetch {INCEPTION_WEIGHTS_URL} "

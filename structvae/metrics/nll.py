@@ -57,7 +57,9 @@ Posterior = ApproximatePosterior
 class ImageLikelihood(Protocol):
     """p(x|z) over FLATTENED images: ``log_prob(x_flat [N, S])`` → ``[N]``."""
 
-    def log_prob(self, value: Tensor) -> Tensor: ...
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``value`` ``[N, S]`` → ``[N]``."""
+        ...
 
 
 @runtime_checkable
@@ -72,11 +74,17 @@ class LatentVariableModel(Protocol):
 
     likelihood_is_discrete: bool
 
-    def encode(self, x: Tensor) -> ApproximatePosterior: ...
+    def encode(self, x: Tensor) -> ApproximatePosterior:
+        """``x`` ``[B, C, H, W]`` → q(z|x) with batch ``(B,)``."""
+        ...
 
-    def decode(self, z: Tensor) -> ImageLikelihood: ...
+    def decode(self, z: Tensor) -> ImageLikelihood:
+        """``z`` ``[N, *latent]`` → p(x|z) over ``[N, S]``."""
+        ...
 
-    def prior_log_prob(self, z: Tensor) -> Tensor: ...
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """``z`` ``[K, B, *latent]`` → ``[K, B]``."""
+        ...
 
 
 def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -193,6 +201,7 @@ class MeanNLL(PooledMeanMetric):
         self._accumulate(nll_nats)
 
     def compute(self) -> NLLResult:
+        """Pooled mean NLL (nats per image, ± s.e.) and bits/dim over every image seen on every rank."""
         pooled = self._pooled()
         return NLLResult(
             nll_nats=pooled.mean,

@@ -527,9 +527,13 @@ def test_condition_covariance_row_and_rsample_ignore_autocast(d_kind):
     mask[::3] = True
     observed = p.loc + 0.5
     w = torch.randn(4, 3, R, generator=torch.Generator().manual_seed(2))
-    exact = (p.conditional_mean(mask, observed), p.covariance_row(7), p.rsample(noise_factor=w, noise_diag=0.0))
+
+    def algebra():
+        return p.conditional_mean(mask, observed), p.covariance_row(7), p.rsample(noise_factor=w, noise_diag=0.0)
+
+    exact = algebra()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cast = (p.conditional_mean(mask, observed), p.covariance_row(7), p.rsample(noise_factor=w, noise_diag=0.0))
+        cast = algebra()
     for name, a, b in zip(("conditional mean", "covariance row", "rsample"), exact, cast, strict=True):
         assert b.dtype == torch.float32, name
         # bf16 algebra is off by ~3e-3 relative here; fp32 agrees to rounding.

@@ -122,8 +122,12 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
         else:
             diag = cov_diag.to(dtype)
             d_batch = cov_diag.shape[:-1]
-        factor_batch = check_broadcastable("cov_diag's batch", d_batch, "cov_factor's batch", cov_factor.shape[:-2])
-        batch_shape = check_broadcastable("loc's batch", loc.shape[:-1], "the batch of cov_factor and cov_diag", factor_batch)
+        factor_batch = check_broadcastable(
+            "cov_diag's batch", d_batch, "cov_factor's batch", cov_factor.shape[:-2]
+        )
+        batch_shape = check_broadcastable(
+            "loc's batch", loc.shape[:-1], "the batch of cov_factor and cov_diag", factor_batch
+        )
         if validate:
             check_parameters(self.arg_constraints, {"loc": loc, "cov_factor": cov_factor, "cov_diag": diag})
             if R > S:

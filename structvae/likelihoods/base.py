@@ -57,7 +57,7 @@ class ObservationLikelihood(nn.Module, ABC):
 
     # -------------------------------------------------- entropy in the terms of a per-pixel variance
     # SOS-VAE's entropy constraint (structvae.objectives.MDMM) is stated as a mean per-pixel variance
-    # v̄; each head says what entropy that means for its own family (structvae.objectives.sos).
+    # v̄; each head says what entropy that means for its own family (structvae.distributions.gaussian_entropy).
     def entropy_at_variance(self, variance: float) -> float:
         """ξ_H(v̄): the largest entropy (nats) this head's p(x|z) can have when its per-pixel variances
         average ``variance``; raises ``ValueError`` if the head cannot predict that variance."""

@@ -13,14 +13,18 @@ are random but not replayed bit-exactly on resume.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
+
+from structvae.data.errors import DataCorruptError
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -28,28 +32,48 @@ Transform = Callable[[Tensor], Tensor]
 SPLIT_SEED = 0
 
 
-class EpochRandomSampler(RandomSampler):
-    """Random permutation of the data set seeded by ``seed + epoch`` (the same rule as ``DistributedSampler``).
+class EpochRandomSampler(DistributedSampler):
+    """This rank's share of a random permutation seeded by ``seed + epoch`` (``DistributedSampler``'s rule).
 
-    Lightning calls :meth:`set_epoch` at the start of every training epoch (including the first epoch after a
-    resume), so the order of epoch ``e`` is the same whether or not the run was interrupted. Subclassing
-    ``RandomSampler`` matters: Lightning recognises the loader as shuffled and, under DDP, replaces this sampler
-    with a shuffling ``DistributedSampler`` rather than wrapping it unshuffled.
+    The order of epoch ``e`` is a pure function of ``(seed, e, rank, world size)``: Lightning calls
+    :meth:`set_epoch` at the start of every training epoch, and :meth:`resume` positions the sampler after
+    the items a mid-epoch checkpoint had already trained on, so a resumed run sees exactly the batches the
+    uninterrupted run saw. With one process it yields the whole permutation (the same one ``RandomSampler``
+    draws with that seed). Subclassing ``DistributedSampler`` matters: Lightning keeps it under DDP instead
+    of replacing it with its own sampler (which could not resume mid-epoch); ``__len__`` stays the full
+    epoch's, as Lightning counts a resumed epoch's batches from the checkpointed progress.
     """
 
-    def __init__(self, data_source: Sequence[object] | Dataset[object], seed: int = 0) -> None:
-        super().__init__(data_source, generator=torch.Generator())  # type: ignore[arg-type]
-        self.seed = int(seed)
-        self.epoch = 0
+    def __init__(
+        self, data_source: Sequence[object] | Dataset[object], seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,  # type: ignore[arg-type]
+                         seed=int(seed), drop_last=False)
+        self._skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def resume(self, epoch: int, items_done: int) -> None:
+        """Make the next iteration epoch ``epoch``'s order without its first ``items_done`` items (this rank's)."""
+        self.set_epoch(epoch)
+        self._skip = int(items_done)
 
-    def __iter__(self):  # type: ignore[override]
-        # Reseeding on every __iter__ (not once per set_epoch) makes a repeated iteration of one epoch identical.
-        assert self.generator is not None
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+    def __iter__(self) -> Iterator[int]:
+        # The permutation is recomputed from (seed, epoch) on every __iter__: repeating an epoch repeats its order.
+        skip, self._skip = self._skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+def resume_position(trainer: object | None, num_batches: int) -> tuple[int, int]:
+    """``(epoch, batches already trained in it)`` the fit loop is about to run, read from Lightning's
+    restored loop progress (zeros without a trainer). A checkpoint taken after an epoch's last batch
+    continues with the next epoch."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None:
+        return 0, 0
+    epoch = loop.epoch_progress.current.processed
+    done = loop.epoch_loop.batch_progress.current.processed if loop.restarting else 0
+    if num_batches and done >= num_batches:
+        return epoch + 1, 0
+    return epoch, done
 
 
 class ImageTensorDataset(Dataset[Tensor]):
@@ -163,14 +187,34 @@ class ImageDataModule(LightningDataModule):
             self.setup(stage)
             dataset = {"fit": self.train_set if train else self.val_set, "test": self.test_set}[stage]
             assert dataset is not None, f"{type(self).__name__}.setup({stage!r}) built no data set"
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            split = {"fit": "training" if train else "validation", "test": "test"}[stage]
+            raise DataCorruptError(f"{type(self).__name__}: the {split} split is empty (0 images); "
+                                   f"expected at least one image in it{self.describe_source()}")
+        sampler = None
+        if train:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = EpochRandomSampler(dataset, self.shuffle_seed, num_replicas=world, rank=rank)
+            epoch, batches_done = resume_position(trainer, math.ceil(len(sampler) / self.batch_size))
+            sampler.resume(epoch, batches_done * self.batch_size)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochRandomSampler(dataset, self.shuffle_seed) if train else None,  # type: ignore[arg-type]
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def check_available(self, stage: str) -> None:
+        """Raise :class:`DataNotFoundError` now if the files ``stage`` needs are missing (cheap: no reading).
+
+        The CLI calls it before the trainer starts any logger; the default checks nothing."""
+
+    def describe_source(self) -> str:
+        """Where the images come from, for error messages (``" (in FILE)"``); empty by default."""
+        return ""
 
     def train_dataloader(self) -> DataLoader[Tensor]:
         """Shuffled (order = f(seed, epoch)), flipped when ``random_flip``; batches ``float32 [B, C, H, W]``."""

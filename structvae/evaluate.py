@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             run_nll="nll" not in args.skip, checkpoint=str(args.ckpt),
         )
     except InceptionWeightsUnavailableError as err:  # the metric speaks of its argument; name this command's flag
-        message = str(err).replace("`inception_weights=...`", "--inception-weights PATH")
+        message = str(err).replace("`inception_weights=...`", "--inception-weights PATH").replace(
+            "inception_weights points to", "--inception-weights points to")
         print(f"structvae fid: error: {message}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError) as err:

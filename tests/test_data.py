@@ -168,23 +168,20 @@ def test_resume_from_epoch_checkpoint_replays_the_data_order(tmp_path) -> None:
     assert resumed.seen[2] == full.seen[2]
 
 
-def test_ddp_sampler_replacement_keeps_shuffling_and_loader_settings() -> None:
-    """What Lightning does to the train loader under DDP (use_distributed_sampler=True)."""
-    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
-    from lightning.pytorch.trainer.states import RunningStage
-    from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader
+def test_ddp_keeps_our_sampler_which_shards_by_the_trainers_rank() -> None:
+    """Lightning replaces a train sampler under DDP only if it is not a ``DistributedSampler``; ours is, and it
+    splits the epoch's permutation by the trainer's rank (so it can still resume mid-epoch)."""
+    from types import SimpleNamespace
 
-    dm = SyntheticImageDataModule((1, 4, 4), num_train=30, batch_size=4, num_workers=1)
-    loader = dm.train_dataloader()
-    assert _is_dataloader_shuffled(loader)  # so Lightning injects a *shuffling* DistributedSampler
     per_rank = []
     for rank in range(2):
-        sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank)
-        assert type(sampler) is DistributedSampler and sampler.shuffle  # not an unshuffled wrapper of ours
-        new = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
-        assert (new.batch_size, new.num_workers, new.persistent_workers) == (4, 1, True)
-        new.sampler.set_epoch(0)
-        per_rank.append(list(new.sampler))
+        dm = SyntheticImageDataModule((1, 4, 4), num_train=30, batch_size=4, num_workers=1)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)  # type: ignore[assignment]
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.shuffle
+        assert (loader.batch_size, loader.num_workers, loader.persistent_workers) == (4, 1, True)
+        per_rank.append(list(loader.sampler))
+    assert len(per_rank[0]) == len(per_rank[1]) == 15
     assert sorted(per_rank[0] + per_rank[1]) == list(range(30))  # ranks split the data set
 
 

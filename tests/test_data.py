@@ -69,17 +69,18 @@ def test_digits_upsampled_keeps_content() -> None:
 
 
 def test_val_is_deterministic_and_flips_happen_only_in_training() -> None:
-    dm = DigitsDataModule(batch_size=64, random_flip=True, seed=0)
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule(batch_size=2000, random_flip=True, seed=0)
     dm.setup("fit")
     val1, val2 = _all(dm.val_dataloader()), _all(dm.val_dataloader())
     assert val1.equal(val2)
     assert val1.equal(dm.val_set.images[dm.val_set.indices])  # no flip in validation
-
-    torch.manual_seed(0)
-    loader = dm.train_dataloader()
-    order = torch.tensor(list(loader.sampler))  # the same order the loader uses for this epoch
-    seen = _all(loader)
-    original = dm.train_set.images[dm.train_set.indices[order]]
+    original = _all(dm.train_dataloader())  # the loader itself yields the images as stored
+    dm.trainer = SimpleNamespace(training=False, global_step=0, global_rank=0)  # type: ignore[assignment]
+    assert dm.on_after_batch_transfer(val1, 0) is val1  # the Trainer flips training batches only
+    dm.trainer = SimpleNamespace(training=True, global_step=7, global_rank=0)  # type: ignore[assignment]
+    seen = dm.on_after_batch_transfer(original, 0)
     mirrored = original.flip(-1)
     plain = (seen == original).flatten(1).all(1)
     flipped = (seen == mirrored).flatten(1).all(1)
@@ -87,10 +88,15 @@ def test_val_is_deterministic_and_flips_happen_only_in_training() -> None:
     asymmetric = ~(original == mirrored).flatten(1).all(1)
     rate = flipped[asymmetric].float().mean().item()
     assert 0.4 < rate < 0.6  # p = 0.5 over ~1,300 images
+    # a pure function of (seed, step, rank): the same again whatever the global RNG holds, new at another step
+    torch.manual_seed(123)
+    assert dm.flip_batch(original, 7).equal(seen)
+    assert not dm.flip_batch(original, 8).equal(seen)
+    assert not dm.flip_batch(original, 7, rank=1).equal(seen)
 
     no_flip = DigitsDataModule(batch_size=64, random_flip=False, seed=0)
-    loader = no_flip.train_dataloader()
-    assert _all(loader).equal(original)  # same seed, same order, untouched images
+    no_flip.trainer = dm.trainer
+    assert no_flip.on_after_batch_transfer(original, 0) is original
 
 
 # -------------------------------------------------------------------------------------- training order

@@ -114,3 +114,11 @@ def test_training_step_leaves_the_global_generator_alone():
 def test_datamodule_loader_uses_the_resumable_sampler():
     dm = SyntheticImageDataModule((1, 4, 4), num_train=10, batch_size=4)
     assert isinstance(dm.train_dataloader().sampler, EpochRandomSampler)
+
+
+def test_resuming_on_other_training_data_warns():
+    loader = SyntheticImageDataModule((1, 4, 4), num_train=10, batch_size=4).train_dataloader()
+    state = loader.state_dict()
+    loader.load_state_dict(state)  # same data: silent
+    with pytest.warns(UserWarning, match="data order differs"):
+        loader.load_state_dict({**state, "num_items": 11})

@@ -4,11 +4,10 @@ Every DataModule yields batches ``Tensor[B, C, H, W]`` of float32 in ``[0, 1]`` 
 exposes ``image_shape = (C, H, W)`` right after ``__init__`` so that ``LightningCLI`` can link it into the
 model's constructor before any data is read.
 
-Reproducibility: the training order depends only on ``(seed, epoch)`` (see :class:`EpochRandomSampler`), so
-resuming from an epoch-boundary checkpoint replays exactly the data order of an uninterrupted run. Under DDP
-Lightning swaps the sampler for a ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``, which has the same
-property. Random flips use torch's per-process RNG (seeded by ``seed_everything(..., workers=True)``), so they
-are random but not replayed bit-exactly on resume.
+Reproducibility: the training order is a pure function of ``(seed, epoch, rank)`` (see
+:class:`EpochRandomSampler`, which also shards the data under DDP), and a run resumed from any checkpoint,
+mid-epoch included, continues with exactly the batches the uninterrupted run trained on next. Random flips are
+drawn per batch from ``(seed, step, rank)`` (:meth:`ImageDataModule.flip_batch`), never from the global RNG.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.transforms import v2
 
 from structvae.data.errors import DataCorruptError
 
@@ -60,6 +59,24 @@ class EpochRandomSampler(DistributedSampler):
         # The permutation is recomputed from (seed, epoch) on every __iter__: repeating an epoch repeats its order.
         skip, self._skip = self._skip, 0
         return itertools.islice(super().__iter__(), skip, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` Lightning treats as resumable (it has ``state_dict``/``load_state_dict``).
+
+    The position itself needs no saving: :class:`EpochRandomSampler` is placed from Lightning's restored loop
+    progress. The state records what the order depends on, so resuming on other data or another seed, which
+    cannot reproduce the interrupted run, says so.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        return {"seed": int(getattr(sampler, "seed", -1)), "num_items": len(self.dataset)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state != self.state_dict():
+            rank_zero_warn(f"resuming with training data {self.state_dict()} but the checkpoint was trained on "
+                           f"{state}: the data order differs from the interrupted run's")
 
 
 def resume_position(trainer: object | None, num_batches: int) -> tuple[int, int]:
@@ -140,15 +157,18 @@ def split_indices(total: int, sizes: Sequence[int], seed: int = SPLIT_SEED) -> l
 
 
 class ImageDataModule(LightningDataModule):
-    """Base of the structvae DataModules: loaders, the epoch-seeded training order and the flip transform.
+    """Base of the structvae DataModules: loaders, the resumable training order and the random flips.
 
     Subclasses set ``self._image_shape`` in ``__init__`` and fill ``self.train_set``/``val_set``/``test_set``
-    in :meth:`setup`; the training set must be built with :meth:`train_transform`.
+    in :meth:`setup`. Random flips are drawn per training batch on its device (:meth:`flip_batch`, from
+    ``on_after_batch_transfer``) as a pure function of (seed, step, rank), so a resumed run flips exactly the
+    images the uninterrupted run flipped, and the global generator is not consumed.
 
     Args:
         batch_size: images per batch (all loaders).
         num_workers: DataLoader worker processes; workers persist across epochs when > 0.
-        random_flip: random horizontal flips of training images (never of val/test).
+        random_flip: random horizontal flips of training images (never of val/test), applied by the Trainer
+            to each training batch (loaders iterated by hand yield unflipped images).
         seed: seed of the training order; ``None`` takes Lightning's global seed (``PL_GLOBAL_SEED``, set by
             ``seed_everything``), the same one Lightning's ``DistributedSampler`` uses under DDP.
     """
@@ -179,8 +199,19 @@ class ImageDataModule(LightningDataModule):
     def shuffle_seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
-    def train_transform(self) -> Transform | None:
-        return v2.RandomHorizontalFlip(p=0.5) if self.random_flip else None
+    def flip_batch(self, batch: Tensor, step: int, rank: int = 0) -> Tensor:
+        """``[B, C, H, W]`` with each image mirrored left-right with probability ½, drawn from a generator seeded
+        by (seed, step, rank) on the batch's device (no host sync, global RNG untouched)."""
+        generator = torch.Generator(device=batch.device)
+        generator.manual_seed(hash((self.shuffle_seed, step, rank)) % (2**63))
+        flip = torch.rand(batch.shape[0], generator=generator, device=batch.device) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+        trainer = self.trainer
+        if self.random_flip and trainer is not None and trainer.training:
+            return self.flip_batch(batch, trainer.global_step, trainer.global_rank)
+        return batch
 
     def _loader(self, dataset: Dataset[Tensor] | None, stage: str, train: bool = False) -> DataLoader[Tensor]:
         if dataset is None:
@@ -198,7 +229,7 @@ class ImageDataModule(LightningDataModule):
             sampler = EpochRandomSampler(dataset, self.shuffle_seed, num_replicas=world, rank=rank)
             epoch, batches_done = resume_position(trainer, math.ceil(len(sampler) / self.batch_size))
             sampler.resume(epoch, batches_done * self.batch_size)
-        return DataLoader(
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

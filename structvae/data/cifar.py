@@ -127,7 +127,7 @@ class CIFAR10DataModule(ImageDataModule):
             images = self._images(train=True)
             n = len(images)
             val_idx, train_idx = split_indices(n, [resolve_count(self.val_size, n, "val_size")])
-            self.train_set = ImageTensorDataset(images, train_idx, transform=self.train_transform())
+            self.train_set = ImageTensorDataset(images, train_idx)
             self.val_set = ImageTensorDataset(images, val_idx)
         if self._wants(stage, "test", "predict") and self.test_set is None:
             self.test_set = ImageTensorDataset(self._images(train=False))

@@ -197,15 +197,14 @@ class HDF5ImageDataModule(ImageDataModule):
         """The shell command that creates ``self.path``."""
         return f"structvae data folder --src <image folder> --out {shlex.quote(str(self.path))}"
 
-    def _split(self, split: str, train: bool = False) -> Dataset[Tensor]:
-        transform = self.train_transform() if train else None
+    def _split(self, split: str) -> Dataset[Tensor]:
         if self.in_memory:
-            return ImageTensorDataset(load_h5_split(self.path, split), transform=transform)
-        return HDF5ImageDataset(self.path, split, transform=transform)
+            return ImageTensorDataset(load_h5_split(self.path, split))
+        return HDF5ImageDataset(self.path, split)
 
     def setup(self, stage: str | None = None) -> None:
         if self._wants(stage, "fit") and self.train_set is None:
-            self.train_set = self._split("train", train=True)
+            self.train_set = self._split("train")
         if self._wants(stage, "fit", "validate") and self.val_set is None:
             self.val_set = self._split("valid")
         if self._wants(stage, "test", "predict") and self.test_set is None:

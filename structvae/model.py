@@ -303,8 +303,10 @@ class StructVAE(LightningModule):
         from structvae.checkpointing import latest_checkpoint, quarantine_checkpoints_from
 
         trainer = self._trainer
+        if trainer is not None and not trainer.is_global_zero:
+            return "Rank 0's message names the last good checkpoint."  # rank 0 alone renames files
         folders = [cb.dirpath for cb in (trainer.checkpoint_callbacks if trainer else []) if getattr(cb, "dirpath", None)]
-        moved = quarantine_checkpoints_from(folders, step) if trainer is not None and trainer.is_global_zero else []
+        moved = quarantine_checkpoints_from(folders, step)
         note = (f"Renamed {', '.join(str(p) for p in moved)} (saved at step {step}: the weights that produced "
                 "it). ") if moved else ""
         latest = latest_checkpoint(folders)

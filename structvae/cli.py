@@ -63,6 +63,15 @@ class StructVAECLI(LightningCLI):
                 raise
             raise ConfigurationError(str(root_value_error(err))) from err
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # --trainer.enable_checkpointing=false drops the default ModelCheckpoint (Lightning refuses both together)
+        if config.get("enable_checkpointing") is False:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            defaults = [cb for cb in self.trainer_defaults.get("callbacks", []) if not isinstance(cb, ModelCheckpoint)]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         # every checkpoint is written atomically, unless a config chose its own CheckpointIO plugin

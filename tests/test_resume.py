@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from lightning.pytorch import Callback, Trainer
 
 from structvae.data import EpochRandomSampler, SyntheticImageDataModule
 
@@ -122,3 +123,43 @@ def test_resuming_on_other_training_data_warns():
     loader.load_state_dict(state)  # same data: silent
     with pytest.warns(UserWarning, match="data order differs"):
         loader.load_state_dict({**state, "num_items": 11})
+
+
+class _Losses(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def _fit_steps(folder: Path, ckpt_path: Path | None = None, num_workers: int = 0) -> dict[int, float]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_model import small_model
+
+    from structvae.objectives import MDMM
+
+    torch.manual_seed(0)
+    model = small_model((1, 8, 8), objective=MDMM(kl_target=2.0))
+    data = SyntheticImageDataModule((1, 8, 8), num_train=40, num_val=8, batch_size=8, random_flip=True,
+                                    num_workers=num_workers)  # 5 batches per epoch
+    losses = _Losses()
+    every_step = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    every_epoch = ModelCheckpoint(dirpath=folder, save_top_k=-1, filename="epoch{epoch}", save_on_train_epoch_end=True,
+                                  auto_insert_metric_name=False)
+    Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=folder, limit_val_batches=1, max_steps=12, callbacks=[every_step, every_epoch, losses],
+            ).fit(model, data, ckpt_path=ckpt_path)
+    return losses.losses
+
+
+@pytest.mark.parametrize("name, step, num_workers", [("step=3", 3, 0), ("step=5", 5, 0), ("epoch0", 5, 0),
+                                                     ("step=7", 7, 2)],
+                         ids=["mid-epoch", "last-batch", "epoch-end", "workers"])
+def test_iteration_based_resume_from_any_step_is_exact(name, step, num_workers, tmp_path):
+    """max_steps training, random flips and MDMM, resumed from a checkpoint mid-epoch, after an epoch's last
+    batch, at the epoch's end, or with DataLoader workers: the following losses equal the uninterrupted run's."""
+    full = _fit_steps(tmp_path / "full")
+    resumed = _fit_steps(tmp_path / "resumed", tmp_path / "full" / f"{name}.ckpt", num_workers)
+    assert sorted(resumed) == list(range(step + 1, 13))
+    assert all(resumed[s] == full[s] for s in resumed), (resumed, full)

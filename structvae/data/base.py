@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -44,11 +44,13 @@ class EpochRandomSampler(DistributedSampler):
     """
 
     def __init__(
-        self, data_source: Sequence[object] | Dataset[object], seed: int = 0, num_replicas: int = 1, rank: int = 0
+        self, data_source: Sequence[object] | Dataset[object], seed: int = 0, num_replicas: int = 1, rank: int = 0,
+        epoch_source: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,  # type: ignore[arg-type]
                          seed=int(seed), drop_last=False)
         self._skip = 0
+        self.epoch_source = epoch_source
 
     def resume(self, epoch: int, items_done: int) -> None:
         """Make the next iteration epoch ``epoch``'s order without its first ``items_done`` items (this rank's)."""
@@ -58,6 +60,8 @@ class EpochRandomSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         # The permutation is recomputed from (seed, epoch) on every __iter__: repeating an epoch repeats its order.
         skip, self._skip = self._skip, 0
+        if self.epoch_source is not None:  # the trainer's epoch, not set_epoch's: Lightning passes a counter that
+            self.epoch = self.epoch_source()  # runs one ahead after resuming an iteration-based run at an epoch end
         return itertools.islice(super().__iter__(), skip, None)
 
 
@@ -81,13 +85,17 @@ class ResumableDataLoader(DataLoader):
 
 def resume_position(trainer: object | None, num_batches: int) -> tuple[int, int]:
     """``(epoch, batches already trained in it)`` the fit loop is about to run, read from Lightning's
-    restored loop progress (zeros without a trainer). A checkpoint taken after an epoch's last batch
-    continues with the next epoch."""
+    restored loop progress (zeros without a trainer).
+
+    An epoch whose end hooks ran is counted in ``epoch_progress.processed``; one interrupted after some
+    batches is ``ready`` but not yet ``processed``, and ``batch_progress.processed`` counts its trained
+    batches. A checkpoint taken after an unfinished epoch's last batch continues with the next epoch."""
     loop = getattr(trainer, "fit_loop", None)
     if loop is None:
         return 0, 0
     epoch = loop.epoch_progress.current.processed
-    done = loop.epoch_loop.batch_progress.current.processed if loop.restarting else 0
+    unfinished = loop.restarting and loop.epoch_progress.current.ready > epoch
+    done = loop.epoch_loop.batch_progress.current.processed if unfinished else 0
     if num_batches and done >= num_batches:
         return epoch + 1, 0
     return epoch, done
@@ -226,7 +234,9 @@ class ImageDataModule(LightningDataModule):
         if train:
             trainer = self.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            sampler = EpochRandomSampler(dataset, self.shuffle_seed, num_replicas=world, rank=rank)
+            epoch_source = (lambda: trainer.current_epoch) if isinstance(trainer, Trainer) else None
+            sampler = EpochRandomSampler(dataset, self.shuffle_seed, num_replicas=world, rank=rank,
+                                         epoch_source=epoch_source)
             epoch, batches_done = resume_position(trainer, math.ceil(len(sampler) / self.batch_size))
             sampler.resume(epoch, batches_done * self.batch_size)
         return (ResumableDataLoader if train else DataLoader)(

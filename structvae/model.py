@@ -24,6 +24,7 @@ from torch.distributions import Distribution
 
 from structvae.latent.base import LatentDistribution, LatentPosterior
 from structvae.likelihoods.base import ObservationLikelihood
+from structvae.networks.base import ImageDecoder, ImageEncoder
 from structvae.networks.conv import ConvDecoder, ConvEncoder
 from structvae.objectives.base import ELBOTerms, Objective
 from structvae.objectives.elbo import ELBO
@@ -55,8 +56,8 @@ class StructVAE(LightningModule):
         posterior: LatentPosterior,
         likelihood: ObservationLikelihood,
         objective: Objective | None = None,
-        encoder: ConvEncoder | None = None,
-        decoder: ConvDecoder | None = None,
+        encoder: ImageEncoder | None = None,
+        decoder: ImageDecoder | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         check_finite: bool = True,
         deterministic_noise: bool = True,

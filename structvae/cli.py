@@ -18,6 +18,11 @@ class StructVAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.image_shape", "model.image_shape", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            trainer = self.config.fit.trainer
+            trainer.precision = fast_precision(trainer.precision, trainer.accelerator)
+
     def after_fit(self) -> None:
         from structvae.callbacks import ImageGridLogger, run_dir
         from structvae.loggers import AutoWandbLogger
@@ -41,6 +46,18 @@ class StructVAECLI(LightningCLI):
                 if logger.is_offline:
                     lines.append(f"[structvae] upload with:  wandb sync {str(where).rsplit('/files', 1)[0]}")
         rank_zero_info("\n".join(lines))
+
+
+def fast_precision(precision: str | int | None, accelerator: object) -> str | int | None:
+    """Training precision when none was given: ``bf16-mixed`` on a CUDA GPU with bf16 (the
+    likelihood's R×R algebra stays fp32 under autocast), else Lightning's default (fp32). An
+    explicit ``trainer.precision`` (YAML or ``--trainer.precision=32-true``) is kept."""
+    import torch
+
+    cuda = accelerator in ("auto", "gpu", "cuda", None) and torch.cuda.is_available()
+    if precision is None and cuda and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return precision
 
 
 def trainer_defaults() -> dict:

@@ -26,6 +26,8 @@ def synthetic_data(image_shape) -> list[str]:
 
 def experiment_image_shape(path: Path) -> tuple[int, int, int]:
     name = path.stem
+    if name.endswith("celeba_native"):
+        return (3, 218, 178)
     if name.endswith("celeba"):
         return (3, 64, 64)
     if name.endswith("cifar10"):

@@ -13,9 +13,9 @@ optimizer step. Configurations (``--configs``, ``+``-joined options):
   decoder's residual blocks
 
 Timing: one subprocess per image size holds every configuration (separate model copies, same weights and
-batch) and runs them interleaved step by step: the median of ``--repeats`` steps after ``--warmup`` warm-up
-steps each, so background load hits all alike. Peak memory: a fresh subprocess per (size, configuration)
-runs one warm-up step (Adam state and compilation are not charged) and then one measured step; CPU: ``ru_maxrss``
+batch) and runs them interleaved step by step: the median of ``--repeats`` steps after a one-image warm-up
+step and ``--warmup`` full warm-up steps each, so background load hits all alike. Peak memory: a fresh subprocess per (size, configuration)
+runs one warm-up step on one image (Adam state, compilation) and then one measured step; CPU: ``ru_maxrss``
 growth over the RSS before the measured step (glibc ``MALLOC_MMAP_THRESHOLD_`` pinned so RSS follows live
 tensors); CUDA: ``torch.cuda.max_memory_allocated`` growth.
 
@@ -143,7 +143,7 @@ def worker(spec: dict) -> dict:
     if spec["mode"] == "mem":
         step = Step(spec["configs"][0], model, device)
         del model
-        step(x)  # warm-up: Adam state, compilation, thread pools
+        step(x[:1])  # warm-up on one image: Adam state, compilation, thread pools
         _sync(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -156,6 +156,8 @@ def worker(spec: dict) -> dict:
         return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}
     steps = [Step(name, model, device) for name in spec["configs"]]
     del model
+    for step in steps:
+        step(x[:1])  # Adam state, compilation (one image: cheap at 218×178); then --warmup full steps
     times: dict[str, list[float]] = {s.name: [] for s in steps}
     for i in range(spec["warmup"] + spec["repeats"]):
         for step in steps:
@@ -192,6 +194,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-large", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup-large", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="every option at every size, 5 / 3 repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -202,11 +205,11 @@ def main() -> None:
         return
     if args.full:
         args.configs_large = args.configs = DEFAULT_SMALL + ",ours+cl+ckpt,ours+cl+bf16+compile"
-        args.repeats, args.repeats_large = 5, 3
+        args.repeats, args.repeats_large, args.warmup_large = 5, 3, 1
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {device} ({where}, {torch.get_num_threads()} threads), batch {args.batch}, "
-          f"SOS-VAE residual model (latent {LATENT}, rank {RANK}), Adam; median step after {args.warmup} warm-up.\n"
+          f"SOS-VAE residual model (latent {LATENT}, rank {RANK}), Adam; median step, interleaved.\n"
           "Peak memory: growth during one step after a warm-up step ("
           + ("torch.cuda.max_memory_allocated" if device == "cuda" else "ru_maxrss, fresh subprocess") + ").\n")
     print("| H×W | config | ms/step | img/s | speed-up vs torch | vs ours | peak MiB | memory vs torch |")
@@ -215,7 +218,8 @@ def main() -> None:
         h, w = (int(v) for v in size.lower().split("x"))
         large = h * w > 100 * 100
         configs = [c for c in (args.configs_large if large else args.configs).split(",") if c]
-        base = {"shape": [3, h, w], "batch": args.batch, "device": device, "warmup": args.warmup,
+        base = {"shape": [3, h, w], "batch": args.batch, "device": device,
+                "warmup": args.warmup_large if large else args.warmup,
                 "repeats": args.repeats_large if large else args.repeats}
         ms = run_worker({**base, "mode": "time", "configs": configs})
         peak = {c: (None if args.no_memory else run_worker({**base, "mode": "mem", "configs": [c]})["peak_bytes"])

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from structvae.objectives import ELBO, MDMM, BetaELBO, ELBOTerms, entropy_floor, entropy_target
+from structvae.likelihoods import BernoulliLikelihood, GaussianLikelihood, LowRankGaussianLikelihood
+from structvae.objectives import (
+    ELBO,
+    MDMM,
+    BetaELBO,
+    ELBOTerms,
+    entropy_floor,
+    lowrank_entropy_at_variance,
+    lowrank_variance_at_entropy,
+)
 
 
 def terms(ll, kl, h):
@@ -70,8 +79,70 @@ def test_mdmm_drives_a_toy_constraint_to_its_target():
     assert theta.item() == pytest.approx(2.0, abs=0.02)
 
 
-def test_sos_entropy_targets_match_the_paper():
-    # The paper's 64×64 grayscale target is floor + 136.5 nats (ε = 1e-5).
-    assert entropy_target((1, 64, 64)) == pytest.approx(-17_630, abs=1e-6)
-    assert entropy_floor((3, 218, 178)) == pytest.approx(0.5 * 116_412 * math.log(2 * math.pi * math.e * 1e-5))
-    assert entropy_target((3, 64, 64)) == pytest.approx(-53_163.0, abs=0.5)
+@pytest.mark.parametrize("shape, variance, paper", [((1, 64, 64), 0.00338, -17_630), ((3, 218, 178), 0.0085, -504_750)])
+def test_variance_targets_recover_the_papers_entropy_targets(shape, variance, paper):
+    # SOS-VAE (R = 25, ε = 1e-5) publishes ξ_H in nats; eq. (2) of structvae.objectives.sos with the
+    # mean per-pixel variance those targets imply gives them back.
+    S = math.prod(shape)
+    assert lowrank_entropy_at_variance(S, 25, 1e-5, variance) == pytest.approx(paper, abs=2.0)
+    assert lowrank_variance_at_entropy(S, 25, 1e-5, paper) == pytest.approx(variance, rel=0.01)
+    floor = entropy_floor(shape, 1e-5)
+    assert floor == pytest.approx(0.5 * S * math.log(2 * math.pi * math.e * 1e-5))
+    assert floor < paper < floor + 200  # the paper's targets sit 136–190 nats above the floor
+
+
+def test_equal_spread_entropy_matches_a_dense_logdet():
+    # eq. (2) is the entropy of N(0, PPᵀ + εI) whose R columns are orthogonal with equal norms.
+    S, R, eps, v = 64, 4, 1e-3, 0.02
+    Q, _ = torch.linalg.qr(torch.randn(S, R, dtype=torch.float64))
+    P = Q * math.sqrt(S * (v - eps) / R)
+    cov = P @ P.T + eps * torch.eye(S, dtype=torch.float64)
+    assert torch.diagonal(cov).mean().item() == pytest.approx(v)
+    dense = torch.distributions.MultivariateNormal(torch.zeros(S, dtype=torch.float64), cov).entropy().item()
+    assert lowrank_entropy_at_variance(S, R, eps, v) == pytest.approx(dense, rel=1e-12)
+    # any unequal spread with the same mean variance has less entropy (so ξ_H(v̄) forces variance ≥ v̄)
+    P2 = Q * torch.tensor([2.0, 1.0, 0.5, 0.25], dtype=torch.float64).sqrt() * math.sqrt(S * (v - eps) / 3.75)
+    cov2 = P2 @ P2.T + eps * torch.eye(S, dtype=torch.float64)
+    assert torch.diagonal(cov2).mean().item() == pytest.approx(v)
+    unequal = torch.distributions.MultivariateNormal(torch.zeros(S, dtype=torch.float64), cov2).entropy().item()
+    assert unequal < dense
+
+
+def test_mdmm_variance_target_is_resolved_by_the_likelihood():
+    head = LowRankGaussianLikelihood(rank=8, epsilon=1e-3).build(16, (1, 16, 16))
+    obj = MDMM(kl_target=20.0, variance_target=0.01)
+    obj.bind(head)
+    assert obj.targets()["entropy"] == pytest.approx(lowrank_entropy_at_variance(256, 8, 1e-3, 0.01))
+    assert obj.targets()["kl"] == 20.0
+    gauss = GaussianLikelihood(learn_scale=True).build(16, (1, 16, 16))
+    obj = MDMM(kl_target=20.0, variance_target=0.01)
+    obj.bind(gauss)
+    assert obj.targets()["entropy"] == pytest.approx(0.5 * 256 * math.log(2 * math.pi * math.e * 0.01))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kl_target=-1.0), "kl_target must be non-negative"),
+    (dict(variance_target=0.0), "variance_target must be positive"),
+    (dict(entropy_target=-10.0, variance_target=0.01), "not both"),
+])
+def test_mdmm_rejects_bad_targets_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MDMM(**kwargs)
+
+
+def test_mdmm_feasibility_checks_at_build():
+    head = LowRankGaussianLikelihood(rank=8, epsilon=1e-3).build(16, (1, 16, 16))
+    floor = entropy_floor((1, 16, 16), 1e-3)
+    with pytest.raises(ValueError, match="not above the floor"):
+        MDMM(entropy_target=floor - 1.0).bind(head)
+    with pytest.raises(ValueError, match="must exceed the fixed diagonal epsilon"):
+        MDMM(variance_target=1e-3).bind(head)
+    # the old hand-computed digits target (floor + 136.5 nats at R = 8) implies σ_r² ≈ 6e11
+    with pytest.warns(UserWarning, match="mean per-pixel variance of at least"):
+        MDMM(entropy_target=floor + 136.5).bind(head)
+    with pytest.warns(UserWarning, match="at most 0.25"):
+        MDMM(variance_target=0.5).bind(head)
+    with pytest.raises(ValueError, match="BernoulliLikelihood has no entropy constraint by variance"):
+        MDMM(variance_target=0.01).bind(BernoulliLikelihood().build(16, (1, 16, 16)))
+    with pytest.raises(ValueError, match="learn_scale: true"):
+        MDMM(variance_target=0.01).bind(GaussianLikelihood(learn_scale=False).build(16, (1, 16, 16)))

@@ -8,6 +8,7 @@ warm-up can freeze the latter. Adding a likelihood means one subclass and one YA
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
@@ -47,7 +48,25 @@ class ObservationLikelihood(nn.Module, ABC):
         mean_ids = {id(p) for p in self.mean_parameters()}
         return (p for p in self.parameters() if id(p) not in mean_ids)
 
-    @property
-    def event_size(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w
+    # -------------------------------------------------- entropy in the terms of a per-pixel variance
+    # SOS-VAE's entropy constraint (structvae.objectives.MDMM) is stated as a mean per-pixel variance
+    # v̄; each head says what entropy that means for its own family (structvae.objectives.sos).
+    def entropy_at_variance(self, variance: float) -> float:
+        """ξ_H(v̄): the largest entropy (nats) this head's p(x|z) can have when its per-pixel variances
+        average ``variance``; raises ``ValueError`` if the head cannot predict that variance."""
+        raise ValueError(f"{type(self).__name__} has no entropy constraint by variance: use GaussianLikelihood "
+                         f"(learn_scale: true) or LowRankGaussianLikelihood, or drop the entropy constraint")
+
+    def variance_at_entropy(self, entropy: float) -> float:
+        """The inverse of :meth:`entropy_at_variance`: the least mean per-pixel variance that an entropy
+        of ``entropy`` nats implies (NaN where the head has no such relation, e.g. Bernoulli)."""
+        return math.nan
+
+    def entropy_floor(self) -> float:
+        """The smallest entropy (nats) the head can reach; an entropy target must lie above it."""
+        return -math.inf
+
+    def diagnostics(self, p: Distribution) -> dict[str, Tensor]:
+        """Scalars that show the state of p(x|z) at a glance (logged once per validation epoch):
+        here the mean per-pixel variance; structured heads add their covariance's spectrum."""
+        return {"pixel_variance": p.variance.float().mean()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from structvae.distributions.pixel import IndependentNormal
 from structvae.likelihoods.base import ObservationLikelihood
+from structvae.objectives.sos import isotropic_entropy_at_variance, isotropic_variance_at_entropy
 
 
 class GaussianLikelihood(ObservationLikelihood):
@@ -45,3 +47,25 @@ class GaussianLikelihood(ObservationLikelihood):
 
     def mean_parameters(self) -> Iterator[nn.Parameter]:
         return self.loc.parameters()
+
+    def _check_learned(self) -> None:
+        if self.scale is None:
+            raise ValueError("a fixed-scale GaussianLikelihood has a constant entropy: an entropy constraint needs "
+                             "learn_scale: true")
+
+    def entropy_at_variance(self, variance: float) -> float:
+        """½·S·log(2πe·v̄): every pixel at variance v̄ (the maximum for a mean variance v̄)."""
+        self._check_learned()
+        if not variance > self.min_scale**2:
+            raise ValueError(f"variance_target {variance:g} must exceed min_scale² = {self.min_scale**2:g}")
+        return isotropic_entropy_at_variance(math.prod(self.image_shape), variance)
+
+    def variance_at_entropy(self, entropy: float) -> float:
+        """Mean variance of N(μ, v̄·I) with this entropy."""
+        return isotropic_variance_at_entropy(math.prod(self.image_shape), entropy)
+
+    def entropy_floor(self) -> float:
+        """Every pixel at σ = min_scale; −∞ (no check) for a fixed σ, whose entropy is a constant."""
+        if self.scale is None:
+            return -math.inf
+        return isotropic_entropy_at_variance(math.prod(self.image_shape), self.min_scale**2)

@@ -11,12 +11,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from structvae.distributions.lowrank_normal import LowRankMultivariateNormal
 from structvae.likelihoods.base import ObservationLikelihood
+from structvae.objectives.sos import (
+    entropy_floor,
+    isotropic_entropy_at_variance,
+    isotropic_variance_at_entropy,
+    lowrank_entropy_at_variance,
+    lowrank_variance_at_entropy,
+)
 
 
 class LowRankGaussianLikelihood(ObservationLikelihood):
@@ -65,3 +73,37 @@ class LowRankGaussianLikelihood(ObservationLikelihood):
 
     def mean_parameters(self) -> Iterator[nn.Parameter]:
         return self.loc.parameters()
+
+    @property
+    def num_pixels(self) -> int:
+        return math.prod(self.image_shape)
+
+    def entropy_at_variance(self, variance: float) -> float:
+        """Eq. (2) of :mod:`structvae.objectives.sos` with D = εI: the variance spread equally over the
+        R components; with a learned D, ½·S·log(2πe·v̄) (all of it on the diagonal)."""
+        if self.diagonal is not None:
+            if not variance > self.epsilon:
+                raise ValueError(f"variance_target {variance:g} must exceed the diagonal's floor epsilon "
+                                 f"{self.epsilon:g}")
+            return isotropic_entropy_at_variance(self.num_pixels, variance)
+        return lowrank_entropy_at_variance(self.num_pixels, self.rank, self.epsilon, variance)
+
+    def variance_at_entropy(self, entropy: float) -> float:
+        if self.diagonal is not None:
+            return isotropic_variance_at_entropy(self.num_pixels, entropy)
+        return lowrank_variance_at_entropy(self.num_pixels, self.rank, self.epsilon, entropy)
+
+    def entropy_floor(self) -> float:
+        """½·S·log(2πeε): P = 0 and D at its floor."""
+        return entropy_floor((self.num_pixels,), self.epsilon)
+
+    def diagnostics(self, p: LowRankMultivariateNormal) -> dict[str, Tensor]:
+        """Mean per-pixel variance, the three largest singular values of P (batch means) and the share
+        of the structured variance Σσ_r² carried by the largest component (1/R when spread equally)."""
+        P = p.cov_factor.detach().to(torch.float64)
+        sigma2 = torch.linalg.eigvalsh(P.mT @ P).clamp_min(0).flip(-1)  # σ_r², descending, [B, R]
+        out = super().diagnostics(p)
+        for k in range(min(3, self.rank)):
+            out[f"singular_value_{k + 1}"] = sigma2[..., k].sqrt().mean().float()
+        out["top_component_share"] = (sigma2[..., 0] / sigma2.sum(-1).clamp_min(1e-30)).mean().float()
+        return out

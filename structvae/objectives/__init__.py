@@ -3,7 +3,7 @@
 from structvae.objectives.base import ELBOTerms, Objective
 from structvae.objectives.elbo import ELBO, BetaELBO
 from structvae.objectives.mdmm import MDMM, EqualityConstraint
-from structvae.objectives.sos import entropy_floor, entropy_target
+from structvae.objectives.sos import entropy_floor, lowrank_entropy_at_variance, lowrank_variance_at_entropy
 
 __all__ = ["ELBOTerms", "Objective", "ELBO", "BetaELBO", "MDMM", "EqualityConstraint", "entropy_floor",
-           "entropy_target"]
+           "lowrank_entropy_at_variance", "lowrank_variance_at_entropy"]

@@ -15,10 +15,15 @@ optimizer an ordinary LightningCLI-configured one.
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import Tensor, nn
 
+from structvae.likelihoods.base import ObservationLikelihood
 from structvae.objectives.base import ELBOTerms, Objective
+from structvae.objectives.sos import MAX_UNIT_INTERVAL_VARIANCE
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -49,9 +54,11 @@ class EqualityConstraint(nn.Module):
         self.multiplier = nn.Parameter(torch.zeros(()))
 
     def infeasibility(self, value: Tensor) -> Tensor:
+        """g = target − value (a scalar)."""
         return self.target - value
 
     def forward(self, value: Tensor) -> Tensor:
+        """The penalty λ·g + ½·damping·g² for a scalar ``value``."""
         g = self.infeasibility(value)
         return _ReverseGradient.apply(self.multiplier) * g + 0.5 * self.damping * g.pow(2)
 
@@ -62,20 +69,68 @@ class MDMM(Objective):
     Args:
         kl_target: ξ_KL in nats per item (SOS-VAE: 45), or ``None`` for no KL constraint (then the
             KL enters the loss as in the ELBO).
-        entropy_target: ξ_H in nats per item, or ``None``. With D = εI the entropy is at least
-            ½·S·log(2πeε) (see :func:`structvae.objectives.sos.entropy_floor`).
+        entropy_target: ξ_H in nats per item, or ``None``. Prefer ``variance_target``: raw nats mean
+            different things at different S, R and ε (see :mod:`structvae.objectives.sos`).
+        variance_target: the entropy constraint stated as a mean per-pixel variance v̄ of p(x|z);
+            ξ_H is derived when the model is built from the likelihood's S, R and ε
+            (:meth:`ObservationLikelihood.entropy_at_variance`, eq. 2 of
+            :mod:`structvae.objectives.sos`). At most one of the two entropy arguments.
         damping: the MDMM damping coefficient.
         multiplier_lr: learning rate of the multipliers' own optimizer group.
+
+    Build-time checks (:meth:`bind`): KL target ≥ 0; the entropy target above the likelihood's floor;
+    v̄ above the floor variance; a warning when the target implies a mean per-pixel variance above
+    ¼, the most a [0, 1]-valued pixel can have.
     """
 
     def __init__(self, kl_target: float | None = 45.0, entropy_target: float | None = None,
-                 damping: float = 1.0, multiplier_lr: float = 1e-2) -> None:
+                 variance_target: float | None = None, damping: float = 1.0,
+                 multiplier_lr: float = 1e-2) -> None:
         super().__init__()
+        if kl_target is not None and not kl_target >= 0:
+            raise ValueError(f"kl_target must be non-negative (a KL divergence is ≥ 0), got {kl_target}")
+        if entropy_target is not None and variance_target is not None:
+            raise ValueError("give the entropy constraint as entropy_target (nats) or variance_target "
+                             "(mean per-pixel variance), not both")
+        if variance_target is not None and not variance_target > 0:
+            raise ValueError(f"variance_target must be positive, got {variance_target}")
+        if multiplier_lr < 0:
+            raise ValueError(f"multiplier_lr must be non-negative, got {multiplier_lr}")
+        self.variance_target = variance_target
         self.kl = EqualityConstraint(kl_target, damping) if kl_target is not None else None
-        self.entropy = EqualityConstraint(entropy_target, damping) if entropy_target is not None else None
+        # A variance target becomes nats only once the likelihood is known (bind); NaN until then.
+        wants_entropy = entropy_target is not None or variance_target is not None
+        self.entropy = (EqualityConstraint(math.nan if entropy_target is None else entropy_target, damping)
+                        if wants_entropy else None)
         self.multiplier_lr = multiplier_lr
 
+    def bind(self, likelihood: ObservationLikelihood) -> None:
+        """Derive ξ_H from ``variance_target`` and check the entropy target against ``likelihood``."""
+        if self.entropy is None:
+            return
+        name = type(likelihood).__name__
+        if self.variance_target is not None:
+            self.entropy.target.fill_(likelihood.entropy_at_variance(self.variance_target))
+            implied = self.variance_target
+        else:
+            target = float(self.entropy.target)
+            floor = likelihood.entropy_floor()
+            if not target > floor:
+                raise ValueError(
+                    f"entropy_target {target:,.1f} nats is not above the floor {floor:,.1f} nats of {name} "
+                    f"(its entropy at the smallest variance it can predict); no model can meet it — "
+                    f"state the constraint as variance_target (mean per-pixel variance) instead")
+            implied = likelihood.variance_at_entropy(target)
+        if implied > MAX_UNIT_INTERVAL_VARIANCE:
+            given = (f"variance_target {self.variance_target:g}" if self.variance_target is not None
+                     else f"entropy_target {float(self.entropy.target):,.1f} nats")
+            warnings.warn(
+                f"{given} asks {name} for a mean per-pixel variance of at least {implied:.3g}, but pixels in "
+                f"[0, 1] have variance at most {MAX_UNIT_INTERVAL_VARIANCE} (SOS-VAE's constrained models: "
+                f"≈ 0.003–0.03); set variance_target to such a value instead", UserWarning, stacklevel=3)
+
     def forward(self, terms: ELBOTerms) -> Tensor:
+        """−mean log p(x|z) plus each constraint's MDMM penalty (the KL term itself when unconstrained)."""
         loss = -terms.log_likelihood.mean()
         if self.kl is not None:
             loss = loss + self.kl(terms.kl.mean())
@@ -85,9 +140,17 @@ class MDMM(Objective):
             loss = loss + self.entropy(terms.entropy.mean())
         return loss
 
+    def _constraints(self) -> dict[str, EqualityConstraint]:
+        return {name: c for name, c in (("kl", self.kl), ("entropy", self.entropy)) if c is not None}
+
     def multipliers(self) -> dict[str, Tensor]:
-        named = {"kl": self.kl, "entropy": self.entropy}
-        return {name: c.multiplier.detach() for name, c in named.items() if c is not None}
+        """λ of each constraint (detached scalars)."""
+        return {name: c.multiplier.detach() for name, c in self._constraints().items()}
 
     def multiplier_parameters(self) -> list[nn.Parameter]:
-        return [c.multiplier for c in (self.kl, self.entropy) if c is not None]
+        """λ of each constraint, for the ascent optimizer group."""
+        return [c.multiplier for c in self._constraints().values()]
+
+    def targets(self) -> dict[str, float]:
+        """ξ of each constraint in nats per item (the entropy one resolved by :meth:`bind`)."""
+        return {name: float(c.target) for name, c in self._constraints().items()}

@@ -12,10 +12,10 @@ optimizer step. Configurations (``--configs``, ``+``-joined options):
   ``+compile`` ``torch.compile`` of the encoder and decoder;  ``+ckpt`` activation checkpointing of the
   decoder's residual blocks
 
-Timing: one subprocess per image size holds every configuration (separate model copies, same weights and
-batch) and runs them interleaved step by step: the median of ``--repeats`` steps after a one-image warm-up
+Timing: one subprocess per image size runs every configuration on one shared model, optimizer and batch,
+interleaved step by step: the median of ``--repeats`` steps after a one-image warm-up
 step and ``--warmup`` full warm-up steps each, so background load hits all alike. Peak memory: a fresh subprocess per (size, configuration)
-runs one warm-up step on one image (Adam state, compilation) and then one measured step; CPU: ``ru_maxrss``
+runs a warm-up step on one image (Adam state, compilation) and then one measured step; CPU: ``ru_maxrss``
 growth over the RSS before the measured step (glibc ``MALLOC_MMAP_THRESHOLD_`` pinned so RSS follows live
 tensors); CUDA: ``torch.cuda.max_memory_allocated`` growth.
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
+import math
 import os
 import platform
 import resource
@@ -72,24 +72,25 @@ def build_model(image_shape: tuple[int, int, int]):
 
 
 class Step:
-    """One configuration: its own copy of the model and optimizer, and a ``__call__`` doing one training step."""
+    """One configuration's training step. All configurations share one model and one Adam (memory: one
+    copy at 218×178); before each step the model is put in the configuration's layout and checkpointing."""
 
-    def __init__(self, name: str, model: torch.nn.Module, device: str) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: str) -> None:
         self.name, self.options = name, set(name.split("+")[1:])
         unknown = self.options - {"cl", "bf16", "compile", "ckpt"}
         if unknown or name.split("+")[0] not in ("torch", "ours") or (name.startswith("torch") and self.options):
             raise SystemExit(f"unknown configuration {name!r}: use torch, ours or ours+cl+bf16+compile+ckpt")
-        self.device = device
-        self.model = copy.deepcopy(model).to(device).train()
+        self.device, self.model, self.optimizer = device, model, optimizer
         self.memory_format = torch.channels_last if "cl" in self.options else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
-        self.model.decoder.checkpoint_blocks = "ckpt" in self.options
-        self.encoder, self.decoder = self.model.encoder, self.model.decoder
+        self.encoder, self.decoder = model.encoder, model.decoder
         if "compile" in self.options:
             self.encoder, self.decoder = torch.compile(self.encoder), torch.compile(self.decoder)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
-        s = model.likelihood.event_size
-        self.diag = torch.full((s,), EPSILON, device=device)
+        self.diag = torch.full((math.prod(model.image_shape),), EPSILON, device=device)
+
+    def prepare(self) -> None:
+        """Layout and checkpointing of this configuration (outside the timed region)."""
+        self.model.to(memory_format=self.memory_format)
+        self.model.decoder.checkpoint_blocks = "ckpt" in self.options
 
     def _autocast(self):
         if "bf16" in self.options:
@@ -121,7 +122,7 @@ class Step:
         return -(log_prob - kl) + penalty
 
     def __call__(self, x: torch.Tensor) -> float:
-        x = x.contiguous(memory_format=self.memory_format)
+        x = x.contiguous(memory_format=self.memory_format)  # part of the step: the loader gives NCHW
         with self._autocast():
             loss = self._loss_torch(x) if self.name == "torch" else self._loss_ours(x)
         self.optimizer.zero_grad(set_to_none=True)
@@ -138,12 +139,15 @@ def _batch(image_shape: tuple[int, int, int], batch: int, device: str) -> torch.
 def worker(spec: dict) -> dict:
     torch.manual_seed(0)
     device, shape = spec["device"], tuple(spec["shape"])
-    model = build_model(shape)
+    model = build_model(shape).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = _batch(shape, spec["batch"], device)
+    steps = [Step(name, model, optimizer, device) for name in spec["configs"]]
+    for step in steps:  # Adam state, compilation, thread pools (one image: cheap at 218×178)
+        step.prepare()
+        step(x[:1])
     if spec["mode"] == "mem":
-        step = Step(spec["configs"][0], model, device)
-        del model
-        step(x[:1])  # warm-up on one image: Adam state, compilation, thread pools
+        (step,) = steps
         _sync(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -154,13 +158,10 @@ def worker(spec: dict) -> dict:
         before = _rss_bytes()
         step(x)
         return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}
-    steps = [Step(name, model, device) for name in spec["configs"]]
-    del model
-    for step in steps:
-        step(x[:1])  # Adam state, compilation (one image: cheap at 218×178); then --warmup full steps
     times: dict[str, list[float]] = {s.name: [] for s in steps}
     for i in range(spec["warmup"] + spec["repeats"]):
         for step in steps:
+            step.prepare()
             _sync(device)
             t0 = time.perf_counter()
             step(x)

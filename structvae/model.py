@@ -209,6 +209,9 @@ class StructVAE(LightningModule):
 
     def configure_model(self) -> None:
         # Before the strategy wraps the model (DDP buckets follow the parameters' layout); idempotent.
+        # load_from_checkpoint calls this too, without a trainer: the layout is then the caller's.
+        if self._trainer is None:
+            return
         on_cuda = self.trainer.strategy.root_device.type == "cuda"
         if self.channels_last or (self.channels_last is None and on_cuda):
             self.to(memory_format=torch.channels_last)

@@ -223,13 +223,17 @@ def main() -> None:
                 "warmup": args.warmup_large if large else args.warmup,
                 "repeats": args.repeats_large if large else args.repeats}
         ms = run_worker({**base, "mode": "time", "configs": configs})
-        peak = {c: (None if args.no_memory else run_worker({**base, "mode": "mem", "configs": [c]})["peak_bytes"])
-                for c in configs}
-        for c in configs:
+        print(f"<!-- {h}×{w} ms/step: {json.dumps(ms)} -->", flush=True)  # kept if a memory run fails
+        peak: dict[str, float | None] = {}
+        for c in configs:  # one row as soon as its memory is known; a failed (e.g. OOM-killed) run leaves it blank
+            try:
+                peak[c] = None if args.no_memory else run_worker({**base, "mode": "mem", "configs": [c]})["peak_bytes"]
+            except RuntimeError as err:
+                peak[c] = None
+                print(f"<!-- {c}: memory run failed: {str(err).splitlines()[0][:200]} -->", flush=True)
             mib = "" if peak[c] is None else f"{peak[c] / 2**20:.0f}"
             print(f"| {h}×{w} | {c} | {ms[c]:.0f} | {1000 * args.batch / ms[c]:.1f} | {ratio(ms.get('torch'), ms[c])} "
                   f"| {ratio(ms.get('ours'), ms[c])} | {mib} | {ratio(peak[c], peak.get('torch'))} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ CKPT ?=
 N ?= 50000
 SWEEP ?= svae_lowrank_celeba
 
-.PHONY: install test test-fast lint format train fid sweep benchmark clean
+.PHONY: install test test-fast lint format train fid explore sweep benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ train: install
 fid: install
 	@test -n "$(CKPT)" || { echo "usage: make fid CKPT=path/to/model.ckpt [N=50000]"; exit 2; }
 	$(PY) -m structvae fid --ckpt "$(CKPT)" --num-samples $(N) $(ARGS)
+
+explore: install
+	@test -n "$(CKPT)" || { echo "usage: make explore CKPT=path/to/model.ckpt [ARGS='--images 4 --figures pc_walk edit']"; exit 2; }
+	$(PY) -m structvae explore --ckpt "$(CKPT)" $(ARGS)
 
 sweep: install
 	$(PY) -m structvae sweep configs/sweep/$(SWEEP).yaml $(ARGS)

@@ -1,5 +1,5 @@
 """Command line: ``structvae fit|validate|test -c CONFIG`` (LightningCLI), ``structvae data …``,
-``structvae fid --ckpt …`` and ``structvae sweep SWEEP.yaml``."""
+``structvae fid --ckpt …``, ``structvae explore --ckpt …`` and ``structvae sweep SWEEP.yaml``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from structvae.evaluate import main as fid_main
 
         return fid_main(argv[1:])
+    if argv and argv[0] == "explore":
+        from structvae.explore.cli import main as explore_main
+
+        return explore_main(argv[1:])
     if argv and argv[0] == "sweep":
         from structvae.sweep import main as sweep_main
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from structvae.cli import build_cli, main
-from structvae.metrics import write_random_inception_weights
+from structvae.testing import write_random_inception_weights
 
 FAST = ["--num-samples", "32", "--fid-feature", "64", "--parzen-samples", "200", "--nll-items", "16",
         "--nll-k", "8", "--batch-size", "64"]

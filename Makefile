@@ -50,8 +50,10 @@ explore: install
 sweep: install
 	$(PY) -m structvae sweep configs/sweep/$(SWEEP).yaml $(ARGS)
 
+# ARGS go to the training-step benchmark, e.g. make benchmark ARGS=--full (every option at 218×178 too).
 benchmark: install
 	$(PY) benchmarks/lowrank_likelihood.py
+	$(PY) benchmarks/train_step.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs wandb

@@ -94,6 +94,10 @@ class StructVAECLI(LightningCLI):
 
     def before_test(self) -> None:
         self._check_data("test")
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            trainer = self.config.fit.trainer
+            trainer.precision = fast_precision(trainer.precision, trainer.accelerator)
 
     def after_fit(self) -> None:
         from structvae.callbacks import ImageGridLogger, run_dir
@@ -133,6 +137,18 @@ def _check_writable(trainer) -> None:
                 pass
         except OSError as err:
             raise OutputFolderError(err.errno, err.strerror or str(err), folder) from err
+
+
+def fast_precision(precision: str | int | None, accelerator: object) -> str | int | None:
+    """Training precision when none was given: ``bf16-mixed`` on a CUDA GPU with bf16 (the
+    likelihood's R×R algebra stays fp32 under autocast), else Lightning's default (fp32). An
+    explicit ``trainer.precision`` (YAML or ``--trainer.precision=32-true``) is kept."""
+    import torch
+
+    cuda = accelerator in ("auto", "gpu", "cuda", None) and torch.cuda.is_available()
+    if precision is None and cuda and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return precision
 
 
 def trainer_defaults() -> dict:

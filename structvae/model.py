@@ -45,6 +45,7 @@ from torch.distributions import Distribution
 
 from structvae.latent.base import LatentDistribution, LatentPosterior
 from structvae.likelihoods.base import ObservationLikelihood
+from structvae.networks.base import ImageDecoder, ImageEncoder
 from structvae.networks.conv import ConvDecoder, ConvEncoder
 from structvae.objectives.base import ELBOTerms, Objective
 from structvae.objectives.elbo import ELBO
@@ -75,6 +76,8 @@ class StructVAE(LightningModule):
         check_finite_every: read the device-side flag every n steps (``None``: ``log_every_n_steps``).
         deterministic_noise: draw each training step's noise from a generator forked from the global one
             and seeded by (seed, step, rank), so a resumed run reproduces the uninterrupted one exactly.
+        channels_last: keep the convolution weights in NHWC memory layout (faster convolutions on
+            tensor cores); ``None`` (default): on when the trainer runs on CUDA, off elsewhere.
     """
 
     def __init__(
@@ -83,12 +86,13 @@ class StructVAE(LightningModule):
         posterior: LatentPosterior,
         likelihood: ObservationLikelihood,
         objective: Objective | None = None,
-        encoder: ConvEncoder | None = None,
-        decoder: ConvDecoder | None = None,
+        encoder: ImageEncoder | None = None,
+        decoder: ImageDecoder | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         check_finite: bool = True,
         check_finite_every: int | None = None,
         deterministic_noise: bool = True,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyper-parameters are the parsed class_path/init_args config, so
@@ -114,6 +118,7 @@ class StructVAE(LightningModule):
         self.register_buffer("_first_bad", torch.tensor([_NO_BAD_STEP, 0]), persistent=False)
         self.register_buffer("_bad_terms", torch.zeros(len(_CHECKED_TERMS), dtype=torch.bool), persistent=False)
         self._pending_bad: Tensor | None = None
+        self.channels_last = channels_last
 
     # ----------------------------------------------------------------------------- the model
     def encode(self, x: Tensor) -> LatentDistribution:
@@ -225,6 +230,15 @@ class StructVAE(LightningModule):
         if multipliers:
             groups.append({"params": multipliers, "lr": self.objective.multiplier_lr, "name": "multipliers"})
         return self.optimizer(groups)
+
+    def configure_model(self) -> None:
+        # Before the strategy wraps the model (DDP buckets follow the parameters' layout); idempotent.
+        # load_from_checkpoint calls this too, without a trainer: the layout is then the caller's.
+        if self._trainer is None:
+            return
+        on_cuda = self.trainer.strategy.root_device.type == "cuda"
+        if self.channels_last or (self.channels_last is None and on_cuda):
+            self.to(memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------------------- resumption
     @contextmanager

@@ -243,6 +243,8 @@ class CelebADataModule(HDF5ImageDataModule):
         )
 
     def prepare_command(self) -> str:
-        size = re.search(r"(\d+)\.h5$", str(self.path))  # celeba32.h5 was made with --size 32
+        size = re.search(r"(\d+(?:x\d+)?)\.h5$", str(self.path))  # celeba32.h5 was made with --size 32
         size_arg = f" --size {size.group(1)}" if size and size.group(1) != "64" else ""
+        if str(self.path).endswith("native.h5"):
+            size_arg = " --native"
         return f"structvae data celeba --src <folder with img_align_celeba/> --out {shlex.quote(str(self.path))}{size_arg}"

@@ -14,7 +14,7 @@ PAPER ?= spatial-vae
 BUDGET ?= cpu
 DATA ?= data/mnist
 
-.PHONY: install test test-fast lint format train fid sweep reproduce benchmark clean
+.PHONY: install test test-fast lint format train fid explore sweep reproduce benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,14 +46,20 @@ fid: install
 	@test -n "$(CKPT)" || { echo "usage: make fid CKPT=path/to/model.ckpt [N=50000]"; exit 2; }
 	$(PY) -m structvae fid --ckpt "$(CKPT)" --num-samples $(N) $(ARGS)
 
+explore: install
+	@test -n "$(CKPT)" || { echo "usage: make explore CKPT=path/to/model.ckpt [ARGS='--images 4 --figures pc_walk edit']"; exit 2; }
+	$(PY) -m structvae explore --ckpt "$(CKPT)" $(ARGS)
+
 sweep: install
 	$(PY) -m structvae sweep configs/sweep/$(SWEEP).yaml $(ARGS)
 
 reproduce: install
 	$(PY) -m structvae reproduce $(PAPER) --budget $(BUDGET) --data-root $(DATA) $(ARGS)
 
+# ARGS go to the training-step benchmark, e.g. make benchmark ARGS=--full (every option at 218×178 too).
 benchmark: install
 	$(PY) benchmarks/lowrank_likelihood.py
+	$(PY) benchmarks/train_step.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs wandb

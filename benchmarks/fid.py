@@ -43,8 +43,8 @@ from structvae.metrics import (  # noqa: E402
     InceptionWeightsUnavailableError,
     MeanAndSampleFID,
     to_inception_uint8,
-    write_random_inception_weights,
 )
+from structvae.testing import write_random_inception_weights  # noqa: E402
 
 BANNER = "!" * 100
 

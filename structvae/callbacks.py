@@ -9,7 +9,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+
+from structvae.explore.draw import render
+from structvae.explore.grid import ImageGrid
 
 
 class MeanOnlyWarmup(Callback):
@@ -47,11 +49,16 @@ class ImageGridLogger(Callback):
     1. validation inputs, 2. their reconstructions (likelihood means at posterior means),
     3. prior samples shown as likelihood means, 4. samples from the likelihood, 5. sample − mean,
     6. per-pixel variance, 7./8. covariance with the central pixel, positive and negative parts —
-    the rows of SOS-VAE Figure 2. Saved as PNG under ``<run dir>/samples/`` and logged to W&B.
+    the rows of SOS-VAE Figure 2. Saved as a labelled PNG (row names, cells upscaled to at least
+    ``min_cell`` pixels) under ``<run dir>/samples/`` and logged to W&B.
     """
 
-    def __init__(self, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0) -> None:
+    ROW_NAMES = ("input", "reconstruction", "prior mean", "sample", "sample − mean", "variance",
+                 "cov+ (centre)", "cov− (centre)")
+
+    def __init__(self, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0, min_cell: int = 48) -> None:
         self.num_images = num_images
+        self.min_cell = min_cell
         self.every_n_epochs = every_n_epochs
         self.seed = seed
         self._inputs: Tensor | None = None
@@ -95,16 +102,22 @@ class ImageGridLogger(Callback):
         pl_module.eval()
         rows = self.rows(pl_module, inputs)
         pl_module.train(was_training)
-        grid = make_grid(torch.cat(rows).float().cpu(), nrow=inputs.shape[0], padding=1, pad_value=1.0)
+        picture = render(self.labelled(rows, trainer.current_epoch), min_cell=self.min_cell)
         if trainer.is_global_zero:
             out = Path(run_dir(trainer)) / "samples" / f"epoch_{trainer.current_epoch:03d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
-            save_image(grid, out)
+            picture.save(out)
             self.last_path = out
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[grid], caption=[
-                    "rows: input, reconstruction, prior mean, sample, sample−mean, variance, cov+ (centre), cov− (centre)"])
+                logger.log_image(key="samples", images=[picture], caption=["rows: " + ", ".join(self.ROW_NAMES)])
+
+    def labelled(self, rows: list[Tensor], epoch: int) -> ImageGrid:
+        """The rows as a labelled grid (values already in [0, 1], so every row is shown as intensity)."""
+        images = torch.stack(rows, 0).float().cpu()
+        return ImageGrid(title=f"epoch {epoch}", images=images, row_labels=list(self.ROW_NAMES),
+                         col_labels=[f"#{i}" for i in range(images.shape[1])],
+                         row_scales=["intensity"] * len(rows))
 
 
 def run_dir(trainer: Trainer) -> str:

@@ -1,5 +1,5 @@
 """Command line: ``structvae fit|validate|test -c CONFIG`` (LightningCLI), ``structvae data …``,
-``structvae fid --ckpt …`` and ``structvae sweep SWEEP.yaml``."""
+``structvae fid --ckpt …``, ``structvae explore --ckpt …`` and ``structvae sweep SWEEP.yaml``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,46 @@ import sys
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from structvae.checkpointing import AtomicCheckpointIO, CheckpointWriteError
+from structvae.data.errors import find_data_error
 from structvae.model import NonFiniteLossError, StructVAE
+
+
+class ConfigurationError(ValueError):
+    """A setting was rejected while the model, data or trainer was built (message = the root cause)."""
+
+
+class OutputFolderError(OSError):
+    """An output folder (run, checkpoints) cannot be created or written."""
+
+
+def root_value_error(err: BaseException) -> BaseException:
+    """The innermost ``ValueError`` behind ``err`` (jsonargparse wraps a constructor's error in its own)."""
+    found, seen = err, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ValueError):
+            found = err
+        err = err.__cause__ or err.__context__
+    return found
+
+
+def unwritable_path_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` (permission, read-only, full disk, …) behind ``err`` when a file or folder could not
+    be written, following ``__cause__``/``__context__``."""
+    import errno
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (CheckpointWriteError, OutputFolderError)) or (isinstance(err, OSError) and err.errno in (
+                errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class StructVAECLI(LightningCLI):
@@ -18,6 +55,50 @@ class StructVAECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         target = "model.init_args.image_shape" if self.subclass_mode_model else "model.image_shape"
         parser.link_arguments("data.image_shape", target, apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # a bad setting found while building: one line, exit code 2 (like parse errors)
+            if find_data_error(err) is not None:
+                raise
+            raise ConfigurationError(str(root_value_error(err))) from err
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # --trainer.enable_checkpointing=false drops the default ModelCheckpoint (Lightning refuses both together)
+        if config.get("enable_checkpointing") is False:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            defaults = [cb for cb in self.trainer_defaults.get("callbacks", []) if not isinstance(cb, ModelCheckpoint)]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": defaults}
+        return super()._instantiate_trainer(config, callbacks)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # every checkpoint is written atomically, unless a config chose its own CheckpointIO plugin
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _check_data(self, stage: str) -> None:
+        # before the trainer starts any logger: a missing data set must not leave an empty W&B run behind
+        check = getattr(self.datamodule, "check_available", None)
+        if check is not None:
+            check(stage)
+
+    def before_fit(self) -> None:
+        self._check_data("fit")
+        _check_writable(self.trainer)
+
+    def before_validate(self) -> None:
+        self._check_data("validate")
+
+    def before_test(self) -> None:
+        self._check_data("test")
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            trainer = self.config.fit.trainer
+            trainer.precision = fast_precision(trainer.precision, trainer.accelerator)
 
     def after_fit(self) -> None:
         from structvae.callbacks import ImageGridLogger, run_dir
@@ -42,6 +123,33 @@ class StructVAECLI(LightningCLI):
                 if logger.is_offline:
                     lines.append(f"[structvae] upload with:  wandb sync {str(where).rsplit('/files', 1)[0]}")
         rank_zero_info("\n".join(lines))
+
+
+def _check_writable(trainer) -> None:
+    """Fail before training when an output folder cannot be written (read-only, permissions), naming it."""
+    import tempfile
+    from pathlib import Path
+
+    folders = [trainer.default_root_dir] + [cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath]
+    for folder in dict.fromkeys(str(f) for f in folders if f and "://" not in str(f)):
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise OutputFolderError(err.errno, err.strerror or str(err), folder) from err
+
+
+def fast_precision(precision: str | int | None, accelerator: object) -> str | int | None:
+    """Training precision when none was given: ``bf16-mixed`` on a CUDA GPU with bf16 (the
+    likelihood's R×R algebra stays fp32 under autocast), else Lightning's default (fp32). An
+    explicit ``trainer.precision`` (YAML or ``--trainer.precision=32-true``) is kept."""
+    import torch
+
+    cuda = accelerator in ("auto", "gpu", "cuda", None) and torch.cuda.is_available()
+    if precision is None and cuda and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return precision
 
 
 def trainer_defaults() -> dict:
@@ -97,8 +205,6 @@ def build_cli(argv: list[str], run: bool = True) -> StructVAECLI:
 
 
 def _lightning_cli(argv: list[str]) -> int:
-    from structvae.data.errors import find_data_error
-
     try:
         build_cli(argv)
     except NonFiniteLossError as err:
@@ -106,9 +212,20 @@ def _lightning_cli(argv: list[str]) -> int:
         return 1
     except Exception as err:  # a data problem arrives wrapped by jsonargparse: unwrap it, re-raise the rest
         data_error = find_data_error(err)
-        if data_error is None:
+        if data_error is not None:
+            print(f"structvae: error: {data_error}", file=sys.stderr)
+            return 1
+        if isinstance(err, ConfigurationError):
+            print(f"structvae: error: {err}", file=sys.stderr)
+            return 2
+        unwritable = unwritable_path_error(err)
+        if unwritable is None:
             raise
-        print(f"structvae: error: {data_error}", file=sys.stderr)
+        if isinstance(unwritable, CheckpointWriteError):
+            print(f"structvae: error: {unwritable.strerror}", file=sys.stderr)
+        else:
+            print(f"structvae: error: cannot write to {unwritable.filename} ({unwritable.strerror}); choose a "
+                  "writable output folder with --trainer.default_root_dir=DIR", file=sys.stderr)
         return 1
     return 0
 
@@ -127,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         from structvae.reproduce import main as reproduce_main
 
         return reproduce_main(argv[1:])
+    if argv and argv[0] == "explore":
+        from structvae.explore.cli import main as explore_main
+
+        return explore_main(argv[1:])
     if argv and argv[0] == "sweep":
         from structvae.sweep import main as sweep_main
 

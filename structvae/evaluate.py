@@ -215,19 +215,35 @@ def _parse_override(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _at_least(minimum: int, why: str = ""):
+    """argparse type: an int >= ``minimum`` (argparse names the flag in the error and exits with code 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{why}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="structvae fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `structvae fit`")
-    parser.add_argument("--num-samples", type=int, default=50_000, help="generated images for FID (default: 50000)")
+    parser.add_argument("--num-samples", type=_at_least(2, " (FID needs a covariance)"), default=50_000,
+                        help="generated images for FID (default: 50000)")
     parser.add_argument("--split", choices=["val", "test"], default="test", help="real images for FID")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=_at_least(1), default=250)
     parser.add_argument("--inception-weights", default=None,
                         help="local torch-fidelity Inception-v3 weights (else $STRUCTVAE_INCEPTION_WEIGHTS, else download)")
     parser.add_argument("--fid-feature", type=int, default=2048, choices=[64, 192, 768, 2048],
                         help="Inception layer; 2048 is the standard FID")
-    parser.add_argument("--parzen-samples", type=int, default=10_000)
-    parser.add_argument("--nll-items", type=int, default=1_000, help="test images for the IWAE NLL")
-    parser.add_argument("--nll-k", type=int, default=100, help="importance samples per image")
+    parser.add_argument("--parzen-samples", type=_at_least(1), default=10_000)
+    parser.add_argument("--nll-items", type=_at_least(1), default=1_000, help="test images for the IWAE NLL")
+    parser.add_argument("--nll-k", type=_at_least(1), default=100, help="importance samples per image")
     parser.add_argument("--skip", nargs="*", default=[], choices=["fid", "parzen", "nll"])
     parser.add_argument("--data", type=_parse_override, action="append", default=[],
                         help="override a data-module argument, e.g. --data path=/scratch/celeba64.h5")
@@ -249,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, run_fid="fid" not in args.skip, run_parzen="parzen" not in args.skip,
             run_nll="nll" not in args.skip, checkpoint=str(args.ckpt),
         )
-    except (FileNotFoundError, ValueError, InceptionWeightsUnavailableError) as err:
+    except InceptionWeightsUnavailableError as err:  # the metric speaks of its argument; name this command's flag
+        message = str(err).replace("`inception_weights=...`", "--inception-weights PATH").replace(
+            "inception_weights points to", "--inception-weights points to")
+        print(f"structvae fid: error: {message}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:
         cause = find_data_error(err) or err
         print(f"structvae fid: error: {cause}", file=sys.stderr)
         return 1

@@ -8,11 +8,32 @@
 
 Every box is injected (LightningCLI ``class_path``/``init_args``): a new posterior, likelihood or
 objective is one class and one YAML, and this file does not change.
+
+Exact resumption. Everything random in a training step is a pure function of (seed, step, rank): the step
+runs inside ``torch.random.fork_rng`` seeded from them, so the posterior noise (and any dropout) of step
+``t`` is the same whether or not the run was interrupted, and the global generator that data loading,
+augmentation and user code draw from is left exactly as it was. The data order is the data module's job
+(:class:`structvae.data.EpochRandomSampler`, which also resumes mid-epoch); weights, optimizer state and
+MDMM multipliers are in the checkpoint.
+
+Non-finite values without stalling the GPU. Every training step records on the device whether the loss,
+its terms or the gradients are non-finite (no ``.item()``/``bool()``; a host read would wait for the GPU
+every step). In ``on_before_optimizer_step`` the first bad step is remembered in a device buffer and from
+then on every gradient is zeroed with a device-side mask, so no non-finite value ever reaches the weights.
+The flag is read back (one sync) every ``check_finite_every`` steps (default: the trainer's
+``log_every_n_steps``), at the end of every epoch and before any checkpoint is saved; it then raises
+:class:`NonFiniteLossError` naming the first bad step and the terms. No checkpoint is written after the
+first bad step, checkpoints that hold the weights which produced it (a too-large step one update earlier)
+are renamed ``*.ckpt.nonfinite``, and the message names the newest checkpoint that remains, or says none
+does. Between the bad step and the check (at most ``check_finite_every`` steps) stateful optimizers may
+still move the weights by their momentum; those weights are never saved.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from lightning.pytorch import LightningModule
@@ -24,13 +45,19 @@ from torch.distributions import Distribution
 
 from structvae.latent.base import LatentDistribution, LatentPosterior
 from structvae.likelihoods.base import ObservationLikelihood
+from structvae.networks.base import ImageDecoder, ImageEncoder
 from structvae.networks.conv import ConvDecoder, ConvEncoder
 from structvae.objectives.base import ELBOTerms, Objective
 from structvae.objectives.elbo import ELBO
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced NaN/inf; the message names the offending term."""
+    """Training produced NaN/inf; the message names the offending term and the last usable checkpoint."""
+
+
+# Device-side record of the first non-finite step: these terms (then the gradients), "none yet" = _NO_BAD_STEP.
+_CHECKED_TERMS = ("log_likelihood", "kl", "entropy", "loss", "gradients")
+_NO_BAD_STEP = 2**62
 
 
 class StructVAE(LightningModule):
@@ -44,9 +71,13 @@ class StructVAE(LightningModule):
         encoder, decoder: the networks (built here for this image and latent shape).
         optimizer: LightningCLI optimizer callable; the objective's multipliers get their own group
             with the objective's ``multiplier_lr``.
-        check_finite: stop with a clear message when the loss becomes NaN/inf.
-        deterministic_noise: reseed the global generator from (seed, step, rank) before every training
-            step, so resuming from a checkpoint reproduces the uninterrupted run exactly.
+        check_finite: stop with a clear message when the loss, its terms or the gradients become NaN/inf
+            (no non-finite update is ever applied; see the module docstring).
+        check_finite_every: read the device-side flag every n steps (``None``: ``log_every_n_steps``).
+        deterministic_noise: draw each training step's noise from a generator forked from the global one
+            and seeded by (seed, step, rank), so a resumed run reproduces the uninterrupted one exactly.
+        channels_last: keep the convolution weights in NHWC memory layout (faster convolutions on
+            tensor cores); ``None`` (default): on when the trainer runs on CUDA, off elsewhere.
     """
 
     def __init__(
@@ -55,11 +86,13 @@ class StructVAE(LightningModule):
         posterior: LatentPosterior,
         likelihood: ObservationLikelihood,
         objective: Objective | None = None,
-        encoder: ConvEncoder | None = None,
-        decoder: ConvDecoder | None = None,
+        encoder: ImageEncoder | None = None,
+        decoder: ImageDecoder | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         check_finite: bool = True,
+        check_finite_every: int | None = None,
         deterministic_noise: bool = True,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyper-parameters are the parsed class_path/init_args config, so
@@ -76,8 +109,16 @@ class StructVAE(LightningModule):
         self.objective = objective or ELBO()
         self.objective.bind(self.likelihood)  # targets in the likelihood's terms → nats; infeasible ones fail here
         self.optimizer = optimizer
+        if check_finite_every is not None and check_finite_every < 1:
+            raise ValueError(f"check_finite_every must be >= 1 (or null), got {check_finite_every}")
         self.check_finite = check_finite
+        self.check_finite_every = check_finite_every
         self.deterministic_noise = deterministic_noise
+        # (step, epoch) of the first non-finite step and which of _CHECKED_TERMS were bad; not checkpointed.
+        self.register_buffer("_first_bad", torch.tensor([_NO_BAD_STEP, 0]), persistent=False)
+        self.register_buffer("_bad_terms", torch.zeros(len(_CHECKED_TERMS), dtype=torch.bool), persistent=False)
+        self._pending_bad: Tensor | None = None
+        self.channels_last = channels_last
 
     # ----------------------------------------------------------------------------- the model
     def encode(self, x: Tensor) -> LatentDistribution:
@@ -134,7 +175,7 @@ class StructVAE(LightningModule):
         terms = self.elbo_terms(batch)
         loss = self.objective(terms)
         if self.check_finite and stage == "train":
-            self._raise_if_not_finite(loss, terms)
+            self._note_non_finite(loss, terms)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
         self.log_dict(
@@ -170,21 +211,9 @@ class StructVAE(LightningModule):
             for name, value in self.likelihood.diagnostics(p).items():
                 self.log(f"likelihood/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
 
-    def _raise_if_not_finite(self, loss: Tensor, terms: ELBOTerms) -> None:
-        bad = ~torch.isfinite(loss)
-        if self.trainer.world_size > 1:  # every rank must stop together, or the others hang
-            bad = torch.as_tensor(self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False))
-        if bool(bad):
-            named = {"log_likelihood": terms.log_likelihood, "kl": terms.kl, "entropy": terms.entropy}
-            culprits = [n for n, t in named.items() if not bool(torch.isfinite(t).all())] or ["loss"]
-            raise NonFiniteLossError(
-                f"non-finite {', '.join(culprits)} at epoch {self.current_epoch}, step {self.global_step}; "
-                "training stopped before the bad update, the last checkpoint written is still good. "
-                "Try a lower learning rate, a larger likelihood epsilon/min_scale, or gradient clipping."
-            )
-
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        with self._step_noise():
+            return self._step(batch, "train")
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         if batch_idx == 0:
@@ -202,11 +231,100 @@ class StructVAE(LightningModule):
             groups.append({"params": multipliers, "lr": self.objective.multiplier_lr, "name": "multipliers"})
         return self.optimizer(groups)
 
+    def configure_model(self) -> None:
+        # Before the strategy wraps the model (DDP buckets follow the parameters' layout); idempotent.
+        # load_from_checkpoint calls this too, without a trainer: the layout is then the caller's.
+        if self._trainer is None:
+            return
+        on_cuda = self.trainer.strategy.root_device.type == "cuda"
+        if self.channels_last or (self.channels_last is None and on_cuda):
+            self.to(memory_format=torch.channels_last)
+
     # ----------------------------------------------------------------------------- resumption
-    def on_train_batch_start(self, batch: Tensor, batch_idx: int) -> None:
-        # The posterior noise of a step is a pure function of (seed, step, rank): a run resumed from
-        # a checkpoint draws exactly the noise the uninterrupted run drew (Lightning saves no RNG
-        # state, and data loading and validation consume the global generator differently).
-        if self.deterministic_noise:
+    @contextmanager
+    def _step_noise(self) -> Iterator[None]:
+        """This step's random draws are a pure function of (seed, step, rank); the global RNG is untouched."""
+        if not self.deterministic_noise:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
             base = int(os.environ.get("PL_GLOBAL_SEED", 0))
             torch.manual_seed(hash((base, self.global_step, self.global_rank)) % (2**63))
+            yield
+
+    # ----------------------------------------------------------------------------- non-finite values
+    def _note_non_finite(self, loss: Tensor, terms: ELBOTerms) -> None:
+        """Record (on the device, no sync) which terms of this step are non-finite."""
+        bad = torch.stack([~torch.isfinite(t).all() for t in (terms.log_likelihood, terms.kl, terms.entropy, loss)])
+        self._pending_bad = bad if self._pending_bad is None else self._pending_bad | bad  # gradient accumulation
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.check_finite or self._pending_bad is None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros_like(
+            self._pending_bad[0])
+        bad = torch.cat([self._pending_bad, grads_bad.view(1)])
+        self._pending_bad = None
+        first = bad.any() & (self._first_bad[0] == _NO_BAD_STEP)
+        here = torch.full_like(self._first_bad, self.global_step)  # scalar fills: no host-to-device copy
+        here[1] = self.current_epoch
+        self._first_bad.copy_(torch.where(first, here, self._first_bad))
+        self._bad_terms.copy_(torch.where(first, bad, self._bad_terms))
+        stop = self._first_bad[0] != _NO_BAD_STEP  # sticky: nothing is applied from the first bad step on
+        for g in grads:
+            g.masked_fill_(stop, 0.0)
+
+    def on_train_batch_end(self, outputs: object, batch: Tensor, batch_idx: int) -> None:
+        every = self.check_finite_every or self.trainer.log_every_n_steps or 1
+        if self.global_step % every == 0:
+            self.raise_if_not_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_not_finite()
+
+    def on_train_end(self) -> None:
+        self.raise_if_not_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_not_finite()  # never save weights from after a non-finite step
+
+    def raise_if_not_finite(self) -> None:
+        """Read the device-side record (one sync; all ranks together) and stop if a step was non-finite."""
+        if not self.check_finite:
+            return
+        first, terms = self._first_bad.clone(), self._bad_terms.to(torch.int64)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # every rank must stop together, or the others hang
+            from torch.distributed import ReduceOp
+
+            first = trainer.strategy.reduce(first, reduce_op=ReduceOp.MIN)
+            terms = trainer.strategy.reduce(terms, reduce_op=ReduceOp.MAX)
+        step, epoch = (int(v) for v in first.tolist())
+        if step == _NO_BAD_STEP:
+            return
+        bad = [name for name, flag in zip(_CHECKED_TERMS, terms.tolist(), strict=True) if flag]
+        # name the root: a bad term makes the loss and the gradients bad too
+        culprits = [n for n in bad if n in _CHECKED_TERMS[:3]] or [n for n in bad if n == "loss"] or bad or ["loss"]
+        raise NonFiniteLossError(
+            f"non-finite {', '.join(culprits)} at epoch {epoch}, step {step}; training stopped and no update from "
+            f"that step on was applied. {self._checkpoint_advice(step)} Try a lower learning rate, a larger "
+            "likelihood epsilon/min_scale, or gradient clipping."
+        )
+
+    def _checkpoint_advice(self, step: int) -> str:
+        from structvae.checkpointing import latest_checkpoint, quarantine_checkpoints_from
+
+        trainer = self._trainer
+        if trainer is not None and not trainer.is_global_zero:
+            return "Rank 0's message names the last good checkpoint."  # rank 0 alone renames files
+        folders = [cb.dirpath for cb in (trainer.checkpoint_callbacks if trainer else []) if getattr(cb, "dirpath", None)]
+        moved = quarantine_checkpoints_from(folders, step)
+        note = (f"Renamed {', '.join(str(p) for p in moved)} (saved at step {step}: the weights that produced "
+                "it). ") if moved else ""
+        latest = latest_checkpoint(folders)
+        if latest is None:
+            return note + "No checkpoint was written before it, so there is nothing to resume from."
+        path, saved_step = latest
+        return note + f"The last good checkpoint is {path} (step {saved_step}); resume with --ckpt_path={path}."

@@ -69,17 +69,18 @@ def test_digits_upsampled_keeps_content() -> None:
 
 
 def test_val_is_deterministic_and_flips_happen_only_in_training() -> None:
-    dm = DigitsDataModule(batch_size=64, random_flip=True, seed=0)
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule(batch_size=2000, random_flip=True, seed=0)
     dm.setup("fit")
     val1, val2 = _all(dm.val_dataloader()), _all(dm.val_dataloader())
     assert val1.equal(val2)
     assert val1.equal(dm.val_set.images[dm.val_set.indices])  # no flip in validation
-
-    torch.manual_seed(0)
-    loader = dm.train_dataloader()
-    order = torch.tensor(list(loader.sampler))  # the same order the loader uses for this epoch
-    seen = _all(loader)
-    original = dm.train_set.images[dm.train_set.indices[order]]
+    original = _all(dm.train_dataloader())  # the loader itself yields the images as stored
+    dm.trainer = SimpleNamespace(training=False, global_step=0, global_rank=0)  # type: ignore[assignment]
+    assert dm.on_after_batch_transfer(val1, 0) is val1  # the Trainer flips training batches only
+    dm.trainer = SimpleNamespace(training=True, global_step=7, global_rank=0)  # type: ignore[assignment]
+    seen = dm.on_after_batch_transfer(original, 0)
     mirrored = original.flip(-1)
     plain = (seen == original).flatten(1).all(1)
     flipped = (seen == mirrored).flatten(1).all(1)
@@ -87,10 +88,15 @@ def test_val_is_deterministic_and_flips_happen_only_in_training() -> None:
     asymmetric = ~(original == mirrored).flatten(1).all(1)
     rate = flipped[asymmetric].float().mean().item()
     assert 0.4 < rate < 0.6  # p = 0.5 over ~1,300 images
+    # a pure function of (seed, step, rank): the same again whatever the global RNG holds, new at another step
+    torch.manual_seed(123)
+    assert dm.flip_batch(original, 7).equal(seen)
+    assert not dm.flip_batch(original, 8).equal(seen)
+    assert not dm.flip_batch(original, 7, rank=1).equal(seen)
 
     no_flip = DigitsDataModule(batch_size=64, random_flip=False, seed=0)
-    loader = no_flip.train_dataloader()
-    assert _all(loader).equal(original)  # same seed, same order, untouched images
+    no_flip.trainer = dm.trainer
+    assert no_flip.on_after_batch_transfer(original, 0) is original
 
 
 # -------------------------------------------------------------------------------------- training order
@@ -168,23 +174,20 @@ def test_resume_from_epoch_checkpoint_replays_the_data_order(tmp_path) -> None:
     assert resumed.seen[2] == full.seen[2]
 
 
-def test_ddp_sampler_replacement_keeps_shuffling_and_loader_settings() -> None:
-    """What Lightning does to the train loader under DDP (use_distributed_sampler=True)."""
-    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
-    from lightning.pytorch.trainer.states import RunningStage
-    from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader
+def test_ddp_keeps_our_sampler_which_shards_by_the_trainers_rank() -> None:
+    """Lightning replaces a train sampler under DDP only if it is not a ``DistributedSampler``; ours is, and it
+    splits the epoch's permutation by the trainer's rank (so it can still resume mid-epoch)."""
+    from types import SimpleNamespace
 
-    dm = SyntheticImageDataModule((1, 4, 4), num_train=30, batch_size=4, num_workers=1)
-    loader = dm.train_dataloader()
-    assert _is_dataloader_shuffled(loader)  # so Lightning injects a *shuffling* DistributedSampler
     per_rank = []
     for rank in range(2):
-        sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank)
-        assert type(sampler) is DistributedSampler and sampler.shuffle  # not an unshuffled wrapper of ours
-        new = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
-        assert (new.batch_size, new.num_workers, new.persistent_workers) == (4, 1, True)
-        new.sampler.set_epoch(0)
-        per_rank.append(list(new.sampler))
+        dm = SyntheticImageDataModule((1, 4, 4), num_train=30, batch_size=4, num_workers=1)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)  # type: ignore[assignment]
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.shuffle
+        assert (loader.batch_size, loader.num_workers, loader.persistent_workers) == (4, 1, True)
+        per_rank.append(list(loader.sampler))
+    assert len(per_rank[0]) == len(per_rank[1]) == 15
     assert sorted(per_rank[0] + per_rank[1]) == list(range(30))  # ranks split the data set
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from structvae.cli import build_cli, main
-from structvae.metrics import write_random_inception_weights
+from structvae.testing import write_random_inception_weights
 
 FAST = ["--num-samples", "32", "--fid-feature", "64", "--parzen-samples", "200", "--nll-items", "16",
         "--nll-k", "8", "--batch-size", "64"]
@@ -89,3 +89,26 @@ def test_in_loop_fid_monitor(in_tmp, offline_fid):
     metrics = cli.trainer.callback_metrics
     assert "fid/means" in metrics and "fid/samples" in metrics
     assert torch.isfinite(metrics["fid/means"]) and torch.isfinite(metrics["fid/samples"])
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--num-samples", "0", "must be at least 2"), ("--num-samples", "-5", "must be at least 2"),
+    ("--num-samples", "1", "must be at least 2"), ("--parzen-samples", "0", "must be at least 1"),
+    ("--nll-items", "0", "must be at least 1"), ("--nll-k", "0", "must be at least 1"),
+    ("--batch-size", "0", "must be at least 1"),
+])
+def test_fid_counts_are_checked_when_parsing(flag, value, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["fid", "--ckpt", str(tmp_path / "never_read.ckpt"), flag, value])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert f"argument {flag}: {expected}" in message and "Traceback" not in message
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_inception_weights_name_the_commands_flag(digits_checkpoint, capsys):
+    code = main(["fid", "--ckpt", str(digits_checkpoint), "--inception-weights", "missing.pth", *FAST, "--no-wandb"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--inception-weights points to" in err and "--inception-weights PATH" in err
+    assert "inception_weights=" not in err

@@ -414,3 +414,22 @@ def test_diagonal_normal_value_checked_in_log_prob() -> None:
         q.log_prob(torch.zeros(2, N, D, D + 1))
     q_fast = DiagonalNormal(torch.zeros(2, N, D, D), torch.ones(2, N, D, D), validate_args=False)
     assert q_fast.log_prob(torch.full((2, N, D, D), float("nan"))).isnan().all()  # no checks on the hot path
+
+
+@pytest.mark.parametrize("name", list(POSTERIORS))
+def test_parameter_maps_run_in_float32_under_autocast(name: str) -> None:
+    """Issue #12, item 8: softplus, balancing and Cholesky factors of bf16 encoder output are exact."""
+    post = POSTERIORS[name]()
+    linear = torch.nn.Linear(7, post.num_outputs)
+    x = torch.randn(B, 7, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = linear(x)
+        q = post(h)
+        z = q.rsample()
+        entropy, log_prob, kl = q.entropy(), q.log_prob(z), q.kl_to_standard_normal()
+    assert h.dtype == z.dtype == torch.bfloat16  # the decoder still gets bf16 samples
+    ref = post(h.detach().double())  # the same bf16 numbers, mapped in fp64
+    torch.testing.assert_close(entropy.double(), ref.entropy(), rtol=1e-6, atol=1e-5)
+    if name != "lowrank":  # its mean μνᵀ is a product, rounded to bf16 for the decoder like any sample
+        torch.testing.assert_close(log_prob.double(), ref.log_prob(z.double()), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(kl.double(), ref.kl_to_standard_normal(), rtol=1e-6, atol=1e-5)

@@ -509,3 +509,43 @@ def test_never_forms_an_S_by_S_matrix():
         mask[::2] = True
         assert dist.conditional_mean(mask, x.detach()).shape == (S,)
         assert dist.principal_components()[0].shape == (S, R)
+
+
+# -- autocast: fp32 parameters stay fp32 (issue #12, item 8) -------------------------------------
+def _fp32_case(d_kind: str, S: int = 400, R: int = 6):
+    gen = torch.Generator().manual_seed(21)
+    loc = torch.randn(3, S, generator=gen)
+    P = torch.randn(3, S, R, generator=gen) / R**0.5
+    return LowRankMultivariateNormal(loc, P, make_diag(d_kind, (3,), S, gen), validate_args=False)
+
+
+@pytest.mark.parametrize("d_kind", ["scalar", "vector"])
+def test_condition_covariance_row_and_rsample_ignore_autocast(d_kind):
+    p = _fp32_case(d_kind)
+    S, R = p.event_shape[0], p.rank
+    mask = torch.zeros(S, dtype=torch.bool)
+    mask[::3] = True
+    observed = p.loc + 0.5
+    w = torch.randn(4, 3, R, generator=torch.Generator().manual_seed(2))
+
+    def algebra():
+        return p.conditional_mean(mask, observed), p.covariance_row(7), p.rsample(noise_factor=w, noise_diag=0.0)
+
+    exact = algebra()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = algebra()
+    for name, a, b in zip(("conditional mean", "covariance row", "rsample"), exact, cast, strict=True):
+        assert b.dtype == torch.float32, name
+        # bf16 algebra is off by ~3e-3 relative here; fp32 agrees to rounding.
+        assert rel_err(b, a) < 1e-5, name
+
+
+def test_cov_diag_constraint_is_an_event_like_torch():
+    ours = LowRankMultivariateNormal.arg_constraints
+    theirs = torch.distributions.LowRankMultivariateNormal.arg_constraints
+    for name in ("loc", "cov_factor", "cov_diag"):
+        assert ours[name].event_dim == theirs[name].event_dim, name
+    p = _fp32_case("vector")
+    for name, constraint in ours.items():
+        ok = constraint.check(getattr(p, name))
+        assert ok.shape == p.batch_shape and bool(ok.all()), name

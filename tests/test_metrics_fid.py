@@ -31,8 +31,8 @@ from structvae.metrics import (
     reference_cache_dir,
     resolve_inception_weights,
     to_inception_uint8,
-    write_random_inception_weights,
 )
+from structvae.testing import write_random_inception_weights
 
 
 def scipy_fid(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
@@ -364,3 +364,36 @@ def test_extractor_id_is_weight_fingerprint(random_weights: Path, tmp_path: Path
     assert metric.extractor_id.startswith("inception-")
     assert metric.extractor_id != MeanAndSampleFID(feature=64, inception_weights=other).extractor_id
     assert metric.extractor_id != "inception-6726825d"  # never mistaken for the official weights
+
+
+# ------------------------------------------------------------------------------ pinned library assumptions
+
+
+def test_torchmetrics_registers_the_extractor_where_we_unregister_it() -> None:
+    """MeanAndSampleFID moves torchmetrics' ``inception`` child out of the module tree; pin that name."""
+    plain = FrechetInceptionDistance(feature=PixelFeatures())
+    assert isinstance(dict(plain.named_children()).get("inception"), PixelFeatures)
+    ours = MeanAndSampleFID(feature=PixelFeatures())
+    assert "inception" not in dict(ours.named_children()) and isinstance(ours.inception, PixelFeatures)
+    assert not any(k.startswith("inception") for k in ours.state_dict())
+
+
+def test_replacing_real_statistics_invalidates_the_cached_result(tmp_path: Path) -> None:
+    """``load_or_compute_reference`` sets states outside ``update``; compute() must not return a stale FID."""
+    writer = MeanAndSampleFID(feature=PixelFeatures())
+    key = writer.reference_key("toy", "other", 8, 8, num_images=6)
+    load_or_compute_reference(writer, key, [images(6, 3, shift=0.3)], cache_dir=tmp_path)
+    metric = MeanAndSampleFID(feature=PixelFeatures())
+    metric.update_real(images(6, 1))
+    metric.update_means(images(6, 2, shift=0.2))
+    before = metric.compute().fid_means
+    assert load_or_compute_reference(metric, key, [], cache_dir=tmp_path).loaded  # a hit: no update() call
+    after = metric.compute().fid_means
+    assert after is not None and before is not None and after != pytest.approx(before)
+
+
+def test_write_random_inception_weights_old_import_path_warns() -> None:
+    import structvae.metrics
+
+    with pytest.warns(DeprecationWarning, match="structvae.testing"):
+        assert structvae.metrics.write_random_inception_weights is write_random_inception_weights

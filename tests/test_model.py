@@ -126,14 +126,14 @@ def test_image_rows_shapes_and_fixed_noise():
     assert rows[6][:, :, 8, 8].sum() > 0
 
 
-class PoisonAtEpoch(Callback):
-    """Makes the likelihood's mean head NaN when epoch ``epoch`` starts."""
+class PoisonAtStep(Callback):
+    """Makes the likelihood's mean head NaN before training step ``step``."""
 
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, step: int) -> None:
+        self.step = step
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
             with torch.no_grad():
                 pl_module.likelihood.loc.bias.fill_(float("nan"))
 
@@ -143,12 +143,16 @@ def test_non_finite_loss_stops_with_the_term_named_and_keeps_the_checkpoint(tmp_
     data = SyntheticImageDataModule(image_shape=(1, 8, 8), num_train=16, num_val=8, num_test=8, batch_size=8)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = _trainer(tmp_path, max_epochs=3, limit_val_batches=0, enable_checkpointing=True,
-                       callbacks=[ckpt, PoisonAtEpoch(1)])
-    with pytest.raises(NonFiniteLossError, match="non-finite log_likelihood at epoch 1"):
+                       callbacks=[ckpt, PoisonAtStep(3)])  # epoch 1, its second step
+    with pytest.raises(NonFiniteLossError, match="non-finite log_likelihood at epoch 1, step 3") as err:
         trainer.fit(model, data)
+    assert f"The last good checkpoint is {tmp_path / 'ckpt'}" in str(err.value) and "(step 2)" in str(err.value)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point())
+    assert model._first_bad.tolist() == [3, 1]
+    # no non-finite value reached the weights: the gradients of step 3 on were zeroed
+    assert all(torch.isfinite(p).all() for name, p in model.named_parameters() if name != "likelihood.loc.bias")
 
 
 @pytest.mark.parametrize("make_posterior", POSTERIORS)

@@ -146,3 +146,14 @@ def test_mdmm_feasibility_checks_at_build():
         MDMM(variance_target=0.01).bind(BernoulliLikelihood().build(16, (1, 16, 16)))
     with pytest.raises(ValueError, match="learn_scale: true"):
         MDMM(variance_target=0.01).bind(GaussianLikelihood(learn_scale=False).build(16, (1, 16, 16)))
+
+
+def test_native_sos_experiment_reaches_the_papers_target():
+    import yaml
+    from conftest import REPO
+
+    args = yaml.safe_load((REPO / "configs/experiment/sosvae_celeba_native.yaml").read_text())["model"]["objective"]
+    head = LowRankGaussianLikelihood(rank=25, epsilon=1e-5).build(16, (3, 218, 178))
+    obj = MDMM(**args["init_args"])
+    obj.bind(head)
+    assert obj.targets()["entropy"] == pytest.approx(-504_750, abs=1.0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# The one list of public names: name -> submodule that defines it.
 _EXPORTS = {
     "DataError": "errors",
     "DataNotFoundError": "errors",
@@ -42,6 +43,7 @@ _EXPORTS = {
     "convert_folder": "convert",
 }
 
+# Spelled out for static tools; tests/test_contracts.py checks it and the TYPE_CHECKING imports against _EXPORTS.
 __all__ = [
     "CIFAR10DataModule",
     "CelebADataModule",

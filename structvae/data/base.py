@@ -4,23 +4,26 @@ Every DataModule yields batches ``Tensor[B, C, H, W]`` of float32 in ``[0, 1]`` 
 exposes ``image_shape = (C, H, W)`` right after ``__init__`` so that ``LightningCLI`` can link it into the
 model's constructor before any data is read.
 
-Reproducibility: the training order depends only on ``(seed, epoch)`` (see :class:`EpochRandomSampler`), so
-resuming from an epoch-boundary checkpoint replays exactly the data order of an uninterrupted run. Under DDP
-Lightning swaps the sampler for a ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED)``, which has the same
-property. Random flips use torch's per-process RNG (seeded by ``seed_everything(..., workers=True)``), so they
-are random but not replayed bit-exactly on resume.
+Reproducibility: the training order is a pure function of ``(seed, epoch, rank)`` (see
+:class:`EpochRandomSampler`, which also shards the data under DDP), and a run resumed from any checkpoint,
+mid-epoch included, continues with exactly the batches the uninterrupted run trained on next. Random flips are
+drawn per batch from ``(seed, step, rank)`` (:meth:`ImageDataModule.flip_batch`), never from the global RNG.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from structvae.data.errors import DataCorruptError
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -28,28 +31,74 @@ Transform = Callable[[Tensor], Tensor]
 SPLIT_SEED = 0
 
 
-class EpochRandomSampler(RandomSampler):
-    """Random permutation of the data set seeded by ``seed + epoch`` (the same rule as ``DistributedSampler``).
+class EpochRandomSampler(DistributedSampler):
+    """This rank's share of a random permutation seeded by ``seed + epoch`` (``DistributedSampler``'s rule).
 
-    Lightning calls :meth:`set_epoch` at the start of every training epoch (including the first epoch after a
-    resume), so the order of epoch ``e`` is the same whether or not the run was interrupted. Subclassing
-    ``RandomSampler`` matters: Lightning recognises the loader as shuffled and, under DDP, replaces this sampler
-    with a shuffling ``DistributedSampler`` rather than wrapping it unshuffled.
+    The order of epoch ``e`` is a pure function of ``(seed, e, rank, world size)``: Lightning calls
+    :meth:`set_epoch` at the start of every training epoch, and :meth:`resume` positions the sampler after
+    the items a mid-epoch checkpoint had already trained on, so a resumed run sees exactly the batches the
+    uninterrupted run saw. With one process it yields the whole permutation (the same one ``RandomSampler``
+    draws with that seed). Subclassing ``DistributedSampler`` matters: Lightning keeps it under DDP instead
+    of replacing it with its own sampler (which could not resume mid-epoch); ``__len__`` stays the full
+    epoch's, as Lightning counts a resumed epoch's batches from the checkpointed progress.
     """
 
-    def __init__(self, data_source: Sequence[object] | Dataset[object], seed: int = 0) -> None:
-        super().__init__(data_source, generator=torch.Generator())  # type: ignore[arg-type]
-        self.seed = int(seed)
-        self.epoch = 0
+    def __init__(
+        self, data_source: Sequence[object] | Dataset[object], seed: int = 0, num_replicas: int = 1, rank: int = 0,
+        epoch_source: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,  # type: ignore[arg-type]
+                         seed=int(seed), drop_last=False)
+        self._skip = 0
+        self.epoch_source = epoch_source
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def resume(self, epoch: int, items_done: int) -> None:
+        """Make the next iteration epoch ``epoch``'s order without its first ``items_done`` items (this rank's)."""
+        self.set_epoch(epoch)
+        self._skip = int(items_done)
 
-    def __iter__(self):  # type: ignore[override]
-        # Reseeding on every __iter__ (not once per set_epoch) makes a repeated iteration of one epoch identical.
-        assert self.generator is not None
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+    def __iter__(self) -> Iterator[int]:
+        # The permutation is recomputed from (seed, epoch) on every __iter__: repeating an epoch repeats its order.
+        skip, self._skip = self._skip, 0
+        if self.epoch_source is not None:  # the trainer's epoch, not set_epoch's: Lightning passes a counter that
+            self.epoch = self.epoch_source()  # runs one ahead after resuming an iteration-based run at an epoch end
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` Lightning treats as resumable (it has ``state_dict``/``load_state_dict``).
+
+    The position itself needs no saving: :class:`EpochRandomSampler` is placed from Lightning's restored loop
+    progress. The state records what the order depends on, so resuming on other data or another seed, which
+    cannot reproduce the interrupted run, says so.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        return {"seed": int(getattr(sampler, "seed", -1)), "num_items": len(self.dataset)}  # type: ignore[arg-type]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state != self.state_dict():
+            rank_zero_warn(f"resuming with training data {self.state_dict()} but the checkpoint was trained on "
+                           f"{state}: the data order differs from the interrupted run's")
+
+
+def resume_position(trainer: object | None, num_batches: int) -> tuple[int, int]:
+    """``(epoch, batches already trained in it)`` the fit loop is about to run, read from Lightning's
+    restored loop progress (zeros without a trainer).
+
+    An epoch whose end hooks ran is counted in ``epoch_progress.processed``; one interrupted after some
+    batches is ``ready`` but not yet ``processed``, and ``batch_progress.processed`` counts its trained
+    batches. A checkpoint taken after an unfinished epoch's last batch continues with the next epoch."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None:
+        return 0, 0
+    epoch = loop.epoch_progress.current.processed
+    unfinished = loop.restarting and loop.epoch_progress.current.ready > epoch
+    done = loop.epoch_loop.batch_progress.current.processed if unfinished else 0
+    if num_batches and done >= num_batches:
+        return epoch + 1, 0
+    return epoch, done
 
 
 class ImageTensorDataset(Dataset[Tensor]):
@@ -116,15 +165,18 @@ def split_indices(total: int, sizes: Sequence[int], seed: int = SPLIT_SEED) -> l
 
 
 class ImageDataModule(LightningDataModule):
-    """Base of the structvae DataModules: loaders, the epoch-seeded training order and the flip transform.
+    """Base of the structvae DataModules: loaders, the resumable training order and the random flips.
 
     Subclasses set ``self._image_shape`` in ``__init__`` and fill ``self.train_set``/``val_set``/``test_set``
-    in :meth:`setup`; the training set must be built with :meth:`train_transform`.
+    in :meth:`setup`. Random flips are drawn per training batch on its device (:meth:`flip_batch`, from
+    ``on_after_batch_transfer``) as a pure function of (seed, step, rank), so a resumed run flips exactly the
+    images the uninterrupted run flipped, and the global generator is not consumed.
 
     Args:
         batch_size: images per batch (all loaders).
         num_workers: DataLoader worker processes; workers persist across epochs when > 0.
-        random_flip: random horizontal flips of training images (never of val/test).
+        random_flip: random horizontal flips of training images (never of val/test), applied by the Trainer
+            to each training batch (loaders iterated by hand yield unflipped images).
         seed: seed of the training order; ``None`` takes Lightning's global seed (``PL_GLOBAL_SEED``, set by
             ``seed_everything``), the same one Lightning's ``DistributedSampler`` uses under DDP.
     """
@@ -155,22 +207,55 @@ class ImageDataModule(LightningDataModule):
     def shuffle_seed(self) -> int:
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
-    def train_transform(self) -> Transform | None:
-        return v2.RandomHorizontalFlip(p=0.5) if self.random_flip else None
+    def flip_batch(self, batch: Tensor, step: int, rank: int = 0) -> Tensor:
+        """``[B, C, H, W]`` with each image mirrored left-right with probability ½, drawn from a generator seeded
+        by (seed, step, rank) on the batch's device (no host sync, global RNG untouched)."""
+        generator = torch.Generator(device=batch.device)
+        generator.manual_seed(hash((self.shuffle_seed, step, rank)) % (2**63))
+        flip = torch.rand(batch.shape[0], generator=generator, device=batch.device) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+        trainer = self.trainer
+        if self.random_flip and trainer is not None and trainer.training:
+            return self.flip_batch(batch, trainer.global_step, trainer.global_rank)
+        return batch
 
     def _loader(self, dataset: Dataset[Tensor] | None, stage: str, train: bool = False) -> DataLoader[Tensor]:
         if dataset is None:
             self.setup(stage)
             dataset = {"fit": self.train_set if train else self.val_set, "test": self.test_set}[stage]
             assert dataset is not None, f"{type(self).__name__}.setup({stage!r}) built no data set"
-        return DataLoader(
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            split = {"fit": "training" if train else "validation", "test": "test"}[stage]
+            raise DataCorruptError(f"{type(self).__name__}: the {split} split is empty (0 images); "
+                                   f"expected at least one image in it{self.describe_source()}")
+        sampler = None
+        if train:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            epoch_source = (lambda: trainer.current_epoch) if isinstance(trainer, Trainer) else None
+            sampler = EpochRandomSampler(dataset, self.shuffle_seed, num_replicas=world, rank=rank,
+                                         epoch_source=epoch_source)
+            epoch, batches_done = resume_position(trainer, math.ceil(len(sampler) / self.batch_size))
+            sampler.resume(epoch, batches_done * self.batch_size)
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochRandomSampler(dataset, self.shuffle_seed) if train else None,  # type: ignore[arg-type]
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def check_available(self, stage: str) -> None:
+        """Raise :class:`DataNotFoundError` now if the files ``stage`` needs are missing (cheap: no reading).
+
+        The CLI calls it before the trainer starts any logger; the default checks nothing."""
+
+    def describe_source(self) -> str:
+        """Where the images come from, for error messages (``" (in FILE)"``); empty by default."""
+        return ""
 
     def train_dataloader(self) -> DataLoader[Tensor]:
         """Shuffled (order = f(seed, epoch)), flipped when ``random_flip``; batches ``float32 [B, C, H, W]``."""

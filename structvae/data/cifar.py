@@ -31,6 +31,16 @@ def _offline_hint(root: str | Path) -> str:
     )
 
 
+def _not_found(root: str | Path) -> DataNotFoundError:
+    folder = Path(root) / CIFAR10_FOLDER
+    return DataNotFoundError(
+        f"CIFAR-10 not found: {folder.resolve()} does not exist. Prepare it with:\n\n"
+        f"    {cifar10_prepare_command(root)}\n\n(or pass download=True). " + _offline_hint(root),
+        path=str(folder),
+        command=cifar10_prepare_command(root),
+    )
+
+
 def download_cifar10(root: str | Path) -> None:
     """Download (or extract a copied archive) and verify CIFAR-10 in ``root`` with torchvision.
 
@@ -60,12 +70,7 @@ def load_cifar10_images(root: str | Path, train: bool) -> torch.Tensor:
 
     folder = Path(root) / CIFAR10_FOLDER
     if not folder.is_dir():
-        raise DataNotFoundError(
-            f"CIFAR-10 not found: {folder.resolve()} does not exist. Prepare it with:\n\n"
-            f"    {cifar10_prepare_command(root)}\n\n(or pass download=True). " + _offline_hint(root),
-            path=str(folder),
-            command=cifar10_prepare_command(root),
-        )
+        raise _not_found(root)
     try:
         data = CIFAR10(str(root), train=train, download=False).data  # numpy uint8 [N, 32, 32, 3]
     except Exception as e:  # torchvision says "not found or corrupted" for a failed md5 or a bad pickle
@@ -107,6 +112,11 @@ class CIFAR10DataModule(ImageDataModule):
         if self.download:
             download_cifar10(self.root)
 
+    def check_available(self, stage: str) -> None:
+        folder = Path(self.root) / CIFAR10_FOLDER
+        if not self.download and not folder.is_dir():
+            raise _not_found(self.root)
+
     def _images(self, train: bool) -> torch.Tensor:
         if self.download and not (Path(self.root) / CIFAR10_FOLDER).is_dir():
             download_cifar10(self.root)  # standalone use (no Trainer calling prepare_data first)
@@ -117,7 +127,7 @@ class CIFAR10DataModule(ImageDataModule):
             images = self._images(train=True)
             n = len(images)
             val_idx, train_idx = split_indices(n, [resolve_count(self.val_size, n, "val_size")])
-            self.train_set = ImageTensorDataset(images, train_idx, transform=self.train_transform())
+            self.train_set = ImageTensorDataset(images, train_idx)
             self.val_set = ImageTensorDataset(images, val_idx)
         if self._wants(stage, "test", "predict") and self.test_set is None:
             self.test_set = ImageTensorDataset(self._images(train=False))

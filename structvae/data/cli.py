@@ -5,7 +5,11 @@ Commands::
     structvae data mnist   --root data/mnist
     structvae data cifar10 --root data/cifar10
     structvae data celeba  --src PATH/TO/celeba [--out data/celeba/celeba64.h5] [--size 64] [--crop 148]
+    structvae data celeba  --src PATH/TO/celeba --native        # 218x178, no crop, no resize (SOS-VAE)
     structvae data folder  --src DIR --out FILE.h5 [--size 64] [--crop N] [--val-fraction 0.1] [--test-fraction 0.1]
+
+``--size`` and ``--crop`` take ``N`` (N x N), ``HxW`` (e.g. ``218x178``) or ``none``; ``--crop 0`` is the largest
+centred square; ``--native`` is ``--size none --crop none``.
 
 Also runnable as ``python -m structvae.data.cli ...``. Data problems print one ``error:`` line block and exit
 with status 1 (no traceback); bad arguments exit with status 2 (argparse's convention).
@@ -33,6 +37,23 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _side(allow_zero: bool):
+    """``N`` → N, ``HxW`` → (H, W), ``none`` → None (argparse type)."""
+
+    def parse(text: str) -> int | tuple[int, int] | None:
+        if text.lower() == "none":
+            return None
+        try:
+            parts = [int(v) for v in text.lower().split("x")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (1, 2) or any(v < 1 for v in parts) and not (allow_zero and parts == [0]):
+            raise argparse.ArgumentTypeError(f"expected N, HxW (e.g. 218x178) or none, got {text!r}")
+        return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+    return parse
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -52,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_common(p: argparse.ArgumentParser, crop_default: int, crop_help: str) -> None:
         p.add_argument(
-            "--size", type=_positive, default=64, help="output side in pixels (default: %(default)s)"
+            "--size", type=_side(False), default=64,
+            help="output size: N, HxW or none = keep the cropped size (default: %(default)s)",
         )
-        p.add_argument("--crop", type=_non_negative, default=crop_default, help=crop_help)
+        p.add_argument("--crop", type=_side(True), default=crop_default, help=crop_help)
+        p.add_argument(
+            "--native", action="store_true", help="no crop, no resize (all images must share one size)"
+        )
         p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
         p.add_argument(
             "--workers", type=_positive, default=None, help="decoding processes (default: min(8, CPUs))"
@@ -65,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--src", required=True, help="folder holding img_align_celeba/ and list_eval_partition.txt"
     )
     p.add_argument("--out", default=None, help="output file (default: data/celeba/celeba<size>.h5)")
-    add_common(p, 148, "centre square crop before resizing (default: %(default)s, the CelebA-64 protocol)")
+    add_common(p, 148, "centre crop before resizing: N, HxW or none (default: %(default)s, the CelebA-64 protocol)")
 
     p = sub.add_parser("folder", help="any image folder (recursive) -> HDF5 with random splits")
     p.add_argument("--src", required=True, help="image folder (searched recursively)")
     p.add_argument("--out", required=True, help="output .h5 file")
-    add_common(p, 0, "centre square crop before resizing (default: 0 = largest centred square)")
+    add_common(p, 0, "centre crop before resizing: N, HxW or none (default: 0 = largest centred square)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1, help="default: %(default)s")
     p.add_argument("--test-fraction", type=_fraction, default=0.1, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="seed of the random split (default: %(default)s)")
@@ -126,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help (0) and on bad arguments (2): report, don't exit
         return int(e.code) if isinstance(e.code, int) else 2
+    if getattr(args, "native", False):
+        if args.size != 64 or args.crop not in (0, 148):
+            parser.print_usage(sys.stderr)
+            print(f"structvae data {args.command}: error: --native means no crop and no resize; "
+                  "drop --size/--crop", file=sys.stderr)
+            return 2
+        args.size = args.crop = None
     if args.command == "folder" and args.val_fraction + args.test_fraction >= 1.0:
         parser.print_usage(sys.stderr)
         print("structvae data folder: error: --val-fraction + --test-fraction must be < 1", file=sys.stderr)

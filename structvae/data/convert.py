@@ -2,7 +2,8 @@
 
 CelebA-64 protocol (the common one for VAEs/GANs, e.g. ``CenterCrop(148)`` then ``Resize(64)``): every
 178x218 aligned image is centre-cropped to 148x148 (torchvision's rounding: box left 15, top 35), then resized
-to 64x64 with PIL's antialiased bicubic filter and stored as uint8. Splits are CelebA's official ones from
+to 64x64 with PIL's antialiased bicubic filter and stored as uint8. Native mode (SOS-VAE's setting) stores the
+aligned images as they are, 218x178 (H x W); any centred crop ``H x W`` and output size ``H x W`` can be chosen. Splits are CelebA's official ones from
 ``list_eval_partition.txt`` (0=train, 1=valid, 2=test) or, without it, the standard file-number ranges.
 
 Outputs are written to a hidden temp file next to the target and renamed over it only when complete, so an
@@ -45,12 +46,29 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def load_image(path: str | Path, size: int, crop: int = 0, mode: str = "RGB") -> np.ndarray:
-    """Read one image, centre-crop a ``crop x crop`` square (0: the largest centred square), resize it to
-    ``size x size`` with PIL's antialiased bicubic filter.
+Side = int | tuple[int, int]  # n: n x n; (h, w): h rows, w columns
+
+
+def as_hw(side: Side) -> tuple[int, int]:
+    """``n`` → ``(n, n)``; ``(h, w)`` unchanged."""
+    return (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+
+
+def side_label(side: Side) -> str:
+    """``64`` for a square, ``218x178`` for a rectangle (file names, messages)."""
+    h, w = as_hw(side)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def load_image(path: str | Path, size: Side | None, crop: Side | None = 0, mode: str = "RGB") -> np.ndarray:
+    """Read one image, centre-crop it, resize it with PIL's antialiased bicubic filter.
+
+    Args:
+        size: output ``n`` (n x n) or ``(h, w)``; None keeps the cropped size (no resampling at all).
+        crop: ``0`` the largest centred square, ``n`` an n x n square, ``(h, w)`` a rectangle, None no crop.
 
     Returns:
-        ``uint8 [C, size, size]`` (C = 3 for ``mode="RGB"``, 1 for ``"L"``).
+        ``uint8 [C, H, W]`` (C = 3 for ``mode="RGB"``, 1 for ``"L"``).
 
     Raises:
         DataCorruptError: unreadable image, or smaller than ``crop``; names the file.
@@ -62,10 +80,14 @@ def load_image(path: str | Path, size: int, crop: int = 0, mode: str = "RGB") ->
         with Image.open(path) as im:
             im = im.convert(mode)
             w, h = im.size
-            side = crop or min(w, h)
-            if side > min(w, h):
-                raise DataCorruptError(f"image {path} is {w}x{h}, smaller than the {side}x{side} crop")
-            im = center_crop(im, [side, side]).resize((size, size), Image.Resampling.BICUBIC)
+            if crop is not None:
+                ch, cw = as_hw(crop or min(w, h))
+                if ch > h or cw > w:
+                    raise DataCorruptError(f"image {path} is {w}x{h} (WxH), smaller than the {cw}x{ch} crop")
+                im = center_crop(im, [ch, cw])
+            if size is not None:
+                sh, sw = as_hw(size)
+                im = im.resize((sw, sh), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
         if isinstance(e, DataCorruptError):
@@ -87,8 +109,8 @@ def write_h5(
     root: str | Path,
     splits: Mapping[str, Sequence[str]],
     *,
-    size: int,
-    crop: int,
+    size: Side | None,
+    crop: Side | None,
     mode: str = "RGB",
     attrs: Mapping[str, object] | None = None,
     overwrite: bool = False,
@@ -97,12 +119,15 @@ def write_h5(
 ) -> dict[str, int]:
     """Convert the images ``root/<name>`` listed per split into ``out`` (structvae HDF5 layout), atomically.
 
+    ``size``/``crop`` as :func:`load_image`; without ``size`` every image must come out the same size
+    (the first image sets it).
+
     Returns:
         images written per split.
 
     Raises:
         OutputExistsError: ``out`` exists and not ``overwrite`` (checked before any work).
-        DataCorruptError: an unreadable image (the output is left as it was).
+        DataCorruptError: an unreadable image, or one of another size (the output is left as it was).
     """
     out, root = Path(out), Path(root)
     if out.exists() and not overwrite:
@@ -115,6 +140,11 @@ def write_h5(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     load = functools.partial(load_image, size=size, crop=crop, mode=mode)
+    if size is not None:
+        hw = as_hw(size)
+    else:  # the first image fixes the size of all
+        first = next((n for split in SPLITS for n in splits.get(split, [])), None)
+        hw = tuple(load(str(root / first)).shape[1:]) if first is not None else (0, 0)
     counts: dict[str, int] = {}
     try:
         with h5py.File(tmp, "w") as f:
@@ -123,15 +153,16 @@ def write_h5(
                     "format": H5_FORMAT,
                     "format_version": H5_FORMAT_VERSION,
                     "layout": "NCHW",
-                    "image_shape": np.array([channels, size, size], dtype=np.int64),
-                    "crop": int(crop),
-                    "resample": "bicubic",
+                    "image_shape": np.array([channels, *hw], dtype=np.int64),
+                    # 0: largest centred square, n: n x n, [h, w]: rectangle, -1: not cropped
+                    "crop": -1 if crop is None else crop if isinstance(crop, int) else np.array(as_hw(crop)),
+                    "resample": "none" if size is None else "bicubic",
                     **(attrs or {}),
                 }
             )
             for split in SPLITS:
                 names = list(splits.get(split, []))
-                counts[split] = _write_split(f, split, names, root, load, channels, size, workers, log)
+                counts[split] = _write_split(f, split, names, root, load, (channels, *hw), workers, log)
         os.replace(tmp, out)  # atomic on POSIX and Windows (same folder, same file system)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -146,8 +177,7 @@ def _write_split(
     names: list[str],
     root: Path,
     load: Callable[[str], np.ndarray],
-    channels: int,
-    size: int,
+    image_shape: tuple[int, int, int],
     workers: int,
     log: Log,
 ) -> int:
@@ -155,7 +185,7 @@ def _write_split(
     group = f.create_group(split)
     group.attrs["num_images"] = n
     group.create_dataset("filenames", data=np.array(names, dtype=object), dtype=h5py.string_dtype())
-    shape = (n, channels, size, size)
+    shape = (n, *image_shape)
     images = group.create_dataset(
         "images", shape=shape, dtype=np.uint8, chunks=(1, *shape[1:]) if n else None
     )
@@ -163,6 +193,11 @@ def _write_split(
     t0 = last = time.monotonic()
     for i, arr in enumerate(_imap(load, [str(root / name) for name in names], workers)):
         j = i % _WRITE_BLOCK
+        if arr.shape != image_shape:
+            raise DataCorruptError(
+                f"{root / names[i]} is {arr.shape[2]}x{arr.shape[1]} (WxH) after cropping, but the first image is "
+                f"{image_shape[2]}x{image_shape[1]}; pass --size (or --crop) so that all images come out the same size"
+            )
         block[j] = arr
         if j == _WRITE_BLOCK - 1 or i + 1 == n:
             images[i - j : i + 1] = block[: j + 1]
@@ -261,22 +296,43 @@ def celeba_splits_by_number(image_dir: str | Path) -> dict[str, list[str]]:
     return splits
 
 
+def celeba_default_out(size: Side | None, crop: Side | None) -> Path:
+    """``data/celeba/celeba64.h5``, ``celeba_native.h5`` (no crop, no resize), ``celeba128x96.h5``, …"""
+    if size is None:
+        return Path("data/celeba/celeba_native.h5" if crop is None else f"data/celeba/celeba_crop{side_label(crop)}.h5")
+    return Path(f"data/celeba/celeba{side_label(size)}.h5")
+
+
+def _size_flags(size: Side | None, crop: Side | None) -> str:
+    if size is None and crop is None:
+        return "--native"
+    flags = [] if size is None else [f"--size {side_label(size)}"]
+    return " ".join(flags + ["--crop " + ("none" if crop is None else side_label(crop) if crop else "0")])
+
+
+def _how_sized(size: Side | None, crop: Side | None) -> str:
+    cropped = "no crop" if crop is None else f"crop {side_label(crop)}" if crop else "largest square crop"
+    return f"{cropped}, " + ("native size" if size is None else f"size {side_label(size)}")
+
+
 def convert_celeba(
     src: str | Path,
     out: str | Path | None = None,
-    size: int = 64,
-    crop: int = 148,
+    size: Side | None = 64,
+    crop: Side | None = 148,
     overwrite: bool = False,
     workers: int | None = None,
     log: Log = _stderr,
 ) -> dict[str, int]:
-    """Aligned CelebA folder → HDF5 (``out`` defaults to ``data/celeba/celeba{size}.h5``); see module doc.
+    """Aligned CelebA folder → HDF5 (``out`` defaults to :func:`celeba_default_out`); see module doc.
+
+    ``size``/``crop`` as :func:`load_image`; ``size=None, crop=None`` is the native 218x178 mode.
 
     Raises:
         DataNotFoundError: no source folder/images, or images listed in the partition file are missing.
         DataCorruptError: bad partition file or unreadable image. OutputExistsError: see :func:`write_h5`.
     """
-    out = Path(out) if out is not None else Path(f"data/celeba/celeba{size}.h5")
+    out = Path(out) if out is not None else celeba_default_out(size, crop)
     if out.exists() and not overwrite:  # fail before scanning 200k files
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     image_dir, partition = find_celeba(src)
@@ -299,7 +355,7 @@ def convert_celeba(
         splits = celeba_splits_by_number(image_dir)
         how = "official (file-number ranges)"
     log(
-        f"converting CelebA {image_dir} -> {out} (crop {crop}, size {size}): "
+        f"converting CelebA {image_dir} -> {out} ({_how_sized(size, crop)}): "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     )
     return write_h5(
@@ -314,7 +370,7 @@ def convert_celeba(
         attrs={
             "source": f"CelebA img_align_celeba ({Path(image_dir).resolve()})",
             "splits": how,
-            "created_by": f"structvae data celeba --size {size} --crop {crop}",
+            "created_by": "structvae data celeba " + _size_flags(size, crop),
         },
     )
 
@@ -325,8 +381,8 @@ def convert_celeba(
 def convert_folder(
     src: str | Path,
     out: str | Path,
-    size: int = 64,
-    crop: int = 0,
+    size: Side | None = 64,
+    crop: Side | None = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: int = 0,
@@ -367,7 +423,7 @@ def convert_folder(
         for s, idx in zip(SPLITS, (train_idx, val_idx, test_idx), strict=True)
     }
     log(
-        f"converting {src} -> {out} (crop {crop or 'largest square'}, size {size}): "
+        f"converting {src} -> {out} ({_how_sized(size, crop)}): "
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     )
     return write_h5(
@@ -383,6 +439,6 @@ def convert_folder(
         attrs={
             "source": f"image folder {src.resolve()}",
             "splits": f"random (seed={seed}, val_fraction={val_fraction}, test_fraction={test_fraction})",
-            "created_by": f"structvae data folder --size {size} --crop {crop}",
+            "created_by": "structvae data folder " + _size_flags(size, crop),
         },
     )

@@ -65,6 +65,6 @@ class DigitsDataModule(ImageDataModule):
         test_idx, val_idx, train_idx = split_indices(
             n, [resolve_count(self.test_size, n, "test_size"), resolve_count(self.val_size, n, "val_size")]
         )
-        self.train_set = ImageTensorDataset(images, train_idx, transform=self.train_transform())
+        self.train_set = ImageTensorDataset(images, train_idx)
         self.val_set = ImageTensorDataset(images, val_idx)
         self.test_set = ImageTensorDataset(images, test_idx)

@@ -62,19 +62,34 @@ def _images_dataset(f: h5py.File, split: str) -> h5py.Dataset:
         raise DataCorruptError(
             f"{f.filename}:/{split}/images is {node.dtype} {node.shape}, expected uint8 [N, C, H, W]"
         )
+    layout = f.attrs.get("layout", "NCHW")
+    layout = layout.decode() if isinstance(layout, bytes) else str(layout)
+    channels_last = node.shape[-1] in (1, 3, 4) and node.shape[1] not in (1, 3, 4)
+    if layout != "NCHW" or channels_last:
+        raise DataCorruptError(
+            f"{f.filename}:/{split}/images is stored channels-last ({layout if layout != 'NCHW' else 'NHWC'}, shape "
+            f"{node.shape}); expected channels-first uint8 [N, C, H, W]. Convert the images again with "
+            "`structvae data folder` (or transpose the dataset to N, C, H, W)"
+        )
     return node
 
 
 def read_h5_image_shape(path: str | Path) -> tuple[int, int, int]:
     """``(C, H, W)`` from the file's ``image_shape`` attribute (else the shape of ``/train/images``)."""
     with open_h5(path) as f:
-        if "image_shape" in f.attrs:
-            shape = tuple(int(v) for v in np.asarray(f.attrs["image_shape"]).ravel())
-        else:
-            split = next((s for s in SPLITS if f"{s}/images" in f), "train")
-            shape = tuple(int(v) for v in _images_dataset(f, split).shape[1:])
+        present = [s for s in SPLITS if f"{s}/images" in f] or ["train"]
+        stored = {s: tuple(int(v) for v in _images_dataset(f, s).shape[1:]) for s in present}
+        shape = tuple(int(v) for v in np.asarray(f.attrs["image_shape"]).ravel()) if "image_shape" in f.attrs \
+            else stored[present[0]]
         if len(shape) != 3:
             raise DataCorruptError(f"{path} has image_shape {shape}, expected (C, H, W)")
+        for split, found in stored.items():
+            if found != shape:
+                raise DataCorruptError(
+                    f"{path}: /{split}/images holds images of shape {found} but the file's image_shape "
+                    f"{'attribute says' if 'image_shape' in f.attrs else 'is'} {shape}; the file is inconsistent, "
+                    "convert the images again"
+                )
         return shape  # type: ignore[return-value]
 
 
@@ -133,18 +148,22 @@ class HDF5ImageDataModule(ImageDataModule):
         path: the ``.h5`` file.
         in_memory: read each split fully into RAM once at ``setup`` (fastest; CelebA-64 needs ~2.5 GB);
             otherwise images are read lazily, one h5py handle per DataLoader worker.
+        image_size: the side (H = W) the experiment was designed for; a file of another size is refused
+            instead of silently building the model for it (``None``: take whatever the file holds).
         batch_size, num_workers, random_flip, seed: as for every structvae DataModule.
 
     ``image_shape`` is read from the file at ``__init__`` (opened read-only and closed again).
 
     Raises:
         DataNotFoundError: at ``__init__`` when ``path`` is missing, with the command that creates it.
+        DataCorruptError: at ``__init__`` for a channels-last or inconsistent file, or one of another size.
     """
 
     def __init__(
         self,
         path: str,
         in_memory: bool = False,
+        image_size: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         random_flip: bool = False,
@@ -162,20 +181,30 @@ class HDF5ImageDataModule(ImageDataModule):
                 command=command,
             )
         self._image_shape = read_h5_image_shape(path)
+        self.image_size = image_size
+        if image_size is not None and self._image_shape[1:] != (image_size, image_size):
+            _, h, w = self._image_shape
+            raise DataCorruptError(
+                f"{path} holds {h}x{w} images but this experiment expects {image_size}x{image_size} "
+                f"(data.image_size); use a {image_size}x{image_size} file or pass --data.image_size={h} "
+                "(the model is then built for the file's size)"
+            )
+
+    def describe_source(self) -> str:
+        return f" (file {self.path})"
 
     def prepare_command(self) -> str:
         """The shell command that creates ``self.path``."""
         return f"structvae data folder --src <image folder> --out {shlex.quote(str(self.path))}"
 
-    def _split(self, split: str, train: bool = False) -> Dataset[Tensor]:
-        transform = self.train_transform() if train else None
+    def _split(self, split: str) -> Dataset[Tensor]:
         if self.in_memory:
-            return ImageTensorDataset(load_h5_split(self.path, split), transform=transform)
-        return HDF5ImageDataset(self.path, split, transform=transform)
+            return ImageTensorDataset(load_h5_split(self.path, split))
+        return HDF5ImageDataset(self.path, split)
 
     def setup(self, stage: str | None = None) -> None:
         if self._wants(stage, "fit") and self.train_set is None:
-            self.train_set = self._split("train", train=True)
+            self.train_set = self._split("train")
         if self._wants(stage, "fit", "validate") and self.val_set is None:
             self.val_set = self._split("valid")
         if self._wants(stage, "test", "predict") and self.test_set is None:
@@ -197,6 +226,7 @@ class CelebADataModule(HDF5ImageDataModule):
         self,
         path: str = "data/celeba/celeba64.h5",
         in_memory: bool = False,
+        image_size: int | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         random_flip: bool = True,
@@ -205,6 +235,7 @@ class CelebADataModule(HDF5ImageDataModule):
         super().__init__(
             path=path,
             in_memory=in_memory,
+            image_size=image_size,
             batch_size=batch_size,
             num_workers=num_workers,
             random_flip=random_flip,
@@ -212,6 +243,8 @@ class CelebADataModule(HDF5ImageDataModule):
         )
 
     def prepare_command(self) -> str:
-        size = re.search(r"(\d+)\.h5$", str(self.path))  # celeba32.h5 was made with --size 32
+        size = re.search(r"(\d+(?:x\d+)?)\.h5$", str(self.path))  # celeba32.h5 was made with --size 32
         size_arg = f" --size {size.group(1)}" if size and size.group(1) != "64" else ""
+        if str(self.path).endswith("native.h5"):
+            size_arg = " --native"
         return f"structvae data celeba --src <folder with img_align_celeba/> --out {shlex.quote(str(self.path))}{size_arg}"

@@ -191,6 +191,13 @@ class MNISTDataModule(ImageDataModule):
         if self.download:
             download_mnist(self.root)
 
+    def check_available(self, stage: str) -> None:
+        split = "test" if stage in ("test", "predict") else "train"
+        if not self.download and find_mnist_file(self.root, MNIST_FILES[split]) is None:
+            raise DataNotFoundError(
+                _missing_message(self.root, split), path=str(self.root), command=mnist_prepare_command(self.root)
+            )
+
     def _images(self, split: str) -> torch.Tensor:
         if self.download and find_mnist_file(self.root, MNIST_FILES[split]) is None:
             download_mnist(self.root)  # standalone use (no Trainer calling prepare_data first)
@@ -216,7 +223,7 @@ class MNISTDataModule(ImageDataModule):
             images = self._images("train")
             n = len(images)
             val_idx, train_idx = split_indices(n, [resolve_count(self.val_size, n, "val_size")])
-            self.train_set = ImageTensorDataset(images, train_idx, transform=self.train_transform())
+            self.train_set = ImageTensorDataset(images, train_idx)
             self.val_set = ImageTensorDataset(images, val_idx)
         if self._wants(stage, "test", "predict") and self.test_set is None:
             self.test_set = ImageTensorDataset(self._images("test"))

@@ -71,6 +71,6 @@ class SyntheticImageDataModule(ImageDataModule):
             return
         assert self.seed is not None
         make = lambda n, k: make_synthetic_images(n, self._image_shape, seed=self.seed * 3 + k)  # noqa: E731
-        self.train_set = ImageTensorDataset(make(self.num_train, 0), transform=self.train_transform())
+        self.train_set = ImageTensorDataset(make(self.num_train, 0))
         self.val_set = ImageTensorDataset(make(self.num_val, 1))
         self.test_set = ImageTensorDataset(make(self.num_test, 2))

@@ -1,43 +1,81 @@
-"""Argument checks for the API boundary of the distributions.
+"""The one home of the distributions' argument checks, shared constants and precision policy.
 
 The hot path (training) constructs distributions with ``validate_args=False``; the checks run when
 ``validate_args`` is true (torch's default) so that users calling the API directly get one clear
 ``ValueError`` naming the argument instead of a failure deep inside a linear-algebra kernel.
+
+Every distribution declares its parameters' true ``arg_constraints`` (with torch's event dims, so
+tools reading them broadcast correctly) and enforces them through :func:`check_parameters`, which
+turns each declared constraint into a named error message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+from torch.distributions import Distribution, constraints
+
+#: log(2 pi), the normal density's normaliser per dimension.
+LOG_2PI = math.log(2.0 * math.pi)
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def resolve_validate_args(validate_args: bool | None) -> bool:
+    """``None`` means torch's global default (``Distribution.set_default_validate_args``), as in torch."""
+    return bool(Distribution._validate_args) if validate_args is None else bool(validate_args)
+
+
+def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for reductions and small dense linear algebra: half precisions -> fp32, fp64 stays fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def autocast_disabled(device_type: str) -> Iterator[None]:
+    """Run the block in the tensors' own dtypes even inside ``torch.autocast``.
+
+    Autocast would run matmuls in bf16/fp16 and lose 4 digits of e.g. a conditional mean; the
+    distributions choose their compute dtype themselves (:func:`linalg_dtype`).
+    """
+    with torch.autocast(device_type, enabled=False):
+        yield
+
+
+def full_precision(method: _F) -> _F:
+    """Decorator: run a distribution method under :func:`autocast_disabled` on its ``loc``'s device."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with autocast_disabled(self.loc.device.type):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_finite(name: str, value: Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``value`` (any shape) holds NaN or inf."""
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or infinite values; check the network output feeding it")
 
 
 def check_positive(name: str, value: Tensor | float) -> None:
+    """Raise ``ValueError`` naming ``name`` unless every entry of ``value`` (any shape) is > 0."""
     v = torch.as_tensor(value)
     if not bool((v > 0).all()):
         raise ValueError(f"{name} must be strictly positive (got min {v.min().item():.3g})")
 
 
 def check_ndim(name: str, value: Tensor, ndim: int, layout: str) -> None:
+    """Raise ``ValueError`` unless ``value.dim() >= ndim``; ``layout`` (e.g. ``"[*batch, N, n, p]"``) says why."""
     if value.dim() < ndim:
         raise ValueError(f"{name} must have at least {ndim} dimensions {layout}, got shape {tuple(value.shape)}")
-
-
-def check_size(name: str, value: Tensor, dim: int, expected: int, meaning: str) -> None:
-    if value.shape[dim] != expected:
-        raise ValueError(
-            f"{name} has size {value.shape[dim]} in dimension {dim} but {meaning} is {expected} "
-            f"(shape {tuple(value.shape)})"
-        )
-
-
-def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype for small dense linear algebra: half precisions are promoted to fp32, fp64 stays fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_trailing_shape(name: str, value: Tensor, expected: tuple[int, ...], meaning: str) -> None:
@@ -47,8 +85,15 @@ def check_trailing_shape(name: str, value: Tensor, expected: tuple[int, ...], me
         raise ValueError(f"{name} must end in {meaning} {tuple(expected)}, got shape {tuple(value.shape)}")
 
 
+def check_last_dim(name: str, value: object, size: int, layout: str) -> None:
+    """``value`` must be a tensor of shape ``[..., size]``; ``layout`` names the size, e.g. ``"S=784"``."""
+    if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[-1] != size:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must have shape [..., {layout}], got {shape}")
+
+
 def check_broadcastable(name: str, shape: torch.Size, other_name: str, other_shape: torch.Size) -> torch.Size:
-    """Broadcast two (batch) shapes, naming the offending argument when they are incompatible."""
+    """``torch.broadcast_shapes(shape, other_shape)``, raising ``ValueError`` naming the offending argument."""
     try:
         return torch.broadcast_shapes(shape, other_shape)
     except RuntimeError:
@@ -56,6 +101,19 @@ def check_broadcastable(name: str, shape: torch.Size, other_name: str, other_sha
             f"{name} has shape {tuple(shape)}, which does not broadcast with {other_name} "
             f"of shape {tuple(other_shape)}"
         ) from None
+
+
+def check_flat_value(value: object, batch_shape: torch.Size, event_size: int, validate: bool) -> None:
+    """A ``log_prob`` argument over flattened images: ``[*extra, *batch, S]`` broadcasting with the batch.
+
+    Shape errors always raise (they cost nothing); the finiteness check needs a device sync, so it
+    runs only when ``validate``.
+    """
+    check_last_dim("value", value, event_size, f"S={event_size}")
+    assert isinstance(value, Tensor)
+    check_broadcastable("value's batch", value.shape[:-1], "batch_shape", batch_shape)
+    if validate:
+        check_finite("value", value)
 
 
 def check_lower_cholesky(name: str, value: Tensor) -> None:
@@ -67,3 +125,27 @@ def check_lower_cholesky(name: str, value: Tensor) -> None:
     if bool((value.triu(1) != 0).any()):
         raise ValueError(f"{name} must be lower-triangular (found non-zero entries above the diagonal)")
     check_positive(f"diagonal of {name}", value.diagonal(dim1=-2, dim2=-1))
+
+
+def _base_constraint(constraint: constraints.Constraint) -> constraints.Constraint:
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return constraint
+
+
+def check_parameters(arg_constraints: Mapping[str, constraints.Constraint], values: Mapping[str, Tensor]) -> None:
+    """Enforce the declared ``arg_constraints`` on ``values`` (name -> tensor), one named error each.
+
+    Every parameter must be finite; ``positive`` ones strictly positive; ``lower_cholesky`` ones
+    lower-triangular with a positive diagonal; any other constraint is checked with its own ``check``.
+    Only names present in ``values`` are checked (e.g. a float ``cov_diag`` was checked as a tensor).
+    """
+    for name, value in values.items():
+        check_finite(name, value)
+        base = _base_constraint(arg_constraints[name])
+        if base is constraints.positive:
+            check_positive(name, value)
+        elif base is constraints.lower_cholesky:
+            check_lower_cholesky(name, value)
+        elif base is not constraints.real and not bool(base.check(value).all()):
+            raise ValueError(f"{name} must satisfy the constraint {base}")

@@ -1,12 +1,31 @@
-"""Base class of the latent distributions (kept in the math layer so it imports no model code)."""
+"""What the rest of the package may rely on from a distribution (kept in the math layer: no model code).
+
+Three contracts, one per role a distribution plays:
+
+* :class:`LatentDistribution` -- q(z|x), an abstract base: reparameterised samples, ``log_prob``,
+  ``entropy`` and a closed-form KL to the standard-normal prior (what the objectives use);
+* :class:`ObservationDistribution` -- p(x|z) over flattened images, a protocol: ``mean``,
+  ``variance``, ``sample``, ``log_prob``, ``entropy`` (what the model, the metrics and the image
+  callbacks use);
+* :class:`StructuredCovariance` -- the extra an observation distribution with correlated pixels offers
+  (``covariance_row``); test with ``isinstance(p, StructuredCovariance)``, which only looks the
+  method up (unlike a protocol with properties, it evaluates nothing).
+
+:class:`ApproximatePosterior` is the smallest protocol of q(z|x), all an importance-sampled NLL needs.
+"""
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
 
-class LatentDistribution(Distribution):
+class LatentDistribution(Distribution, metaclass=ABCMeta):
     """q(z|x) with a closed-form KL to the standard-normal prior.
 
     Shapes: ``batch_shape = (B,)``, ``event_shape = latent_shape``; ``rsample`` returns
@@ -15,6 +34,95 @@ class LatentDistribution(Distribution):
 
     has_rsample = True
 
+    @abstractmethod
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
+        """Reparameterised draw, ``[*sample_shape, B, *latent_shape]``."""
+
+    @abstractmethod
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``value`` ``[*S, B, *latent_shape]`` -> ``[*S, B]`` (summed over the latent event)."""
+
+    @abstractmethod
+    def entropy(self) -> Tensor:
+        """H[q] per item, ``[B]``."""
+
+    @abstractmethod
     def kl_to_standard_normal(self) -> Tensor:
         """KL(q || N(0, I)) per item, shape ``[B]``."""
-        raise NotImplementedError
+
+
+class MeanIsLoc:
+    """Mixin of location families: ``mean`` and ``mode`` are the ``loc`` parameter (same shape)."""
+
+    loc: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        """``loc``, ``[*batch_shape, *event_shape]``."""
+        return self.loc
+
+    @property
+    def mode(self) -> Tensor:
+        """``loc`` (a normal's mode is its mean), ``[*batch_shape, *event_shape]``."""
+        return self.loc
+
+
+@runtime_checkable
+class ApproximatePosterior(Protocol):
+    """q(z|x) for a batch of B images, as much as importance sampling needs."""
+
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = ...) -> Tensor:
+        """``[*sample_shape, B, *latent]``."""
+        ...
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``value`` ``[K, B, *latent]`` -> ``[K, B]`` (reduced over the latent event)."""
+        ...
+
+
+@runtime_checkable
+class ObservationDistribution(Protocol):
+    """p(x|z) over flattened images: ``batch_shape (B,)``, ``event_shape (S,)``, ``S = C*H*W``.
+
+    ``log_prob`` and ``entropy`` reduce over the S pixels (in fp32/fp64 even for half inputs);
+    ``mean``, ``variance`` and samples are ``[*sample_shape, B, S]``.
+    """
+
+    batch_shape: torch.Size
+    event_shape: torch.Size
+
+    @property
+    def mean(self) -> Tensor:
+        """E[x|z], ``[B, S]``."""
+        ...
+
+    @property
+    def variance(self) -> Tensor:
+        """Per-pixel marginal variance, ``[B, S]``."""
+        ...
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = ...) -> Tensor:
+        """``[*sample_shape, B, S]`` (no gradient)."""
+        ...
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``value`` ``[*extra, B, S]`` -> ``[*extra, B]``."""
+        ...
+
+    def entropy(self) -> Tensor:
+        """``[B]``."""
+        ...
+
+
+@runtime_checkable
+class StructuredCovariance(Protocol):
+    """Covariance between pixels, readable one row at a time (never an S x S matrix)."""
+
+    def covariance_row(self, index: int) -> Tensor:
+        """Cov(x_index, x_j) for every pixel j, ``[B, S]``."""
+        ...
+
+
+@runtime_checkable
+class StructuredObservationDistribution(ObservationDistribution, StructuredCovariance, Protocol):
+    """An :class:`ObservationDistribution` that also offers :class:`StructuredCovariance`."""

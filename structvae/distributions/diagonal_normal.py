@@ -8,24 +8,22 @@ univariate normal, so the spatial arrangement only changes the reshape, not the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints
+from torch.distributions import constraints
 
-from structvae.distributions._checks import check_broadcastable, check_finite, check_positive, linalg_dtype
-from structvae.distributions.base import LatentDistribution
+from structvae.distributions._checks import (
+    LOG_2PI,
+    check_broadcastable,
+    check_finite,
+    check_parameters,
+    linalg_dtype,
+    resolve_validate_args,
+)
+from structvae.distributions.base import LatentDistribution, MeanIsLoc
 
-_LOG_2PI = math.log(2 * math.pi)
 
-
-def _resolve_validate(validate_args: bool | None) -> bool:
-    # ``None`` means torch's global default, exactly as in ``torch.distributions``.
-    return bool(Distribution._validate_args) if validate_args is None else bool(validate_args)
-
-
-class DiagonalNormal(LatentDistribution):
+class DiagonalNormal(MeanIsLoc, LatentDistribution):
     r"""Independent normals ``z ~ N(loc, scale^2)`` reduced over the trailing ``event_ndims`` dims.
 
     Args:
@@ -43,9 +41,10 @@ class DiagonalNormal(LatentDistribution):
     Reductions (``log_prob``, ``entropy``, KL) are computed and returned in
     :func:`~structvae.distributions._checks.linalg_dtype` of the parameters (fp32 for bf16/fp16),
     because summing thousands of per-entry terms in a half type loses the KL's low-order digits.
+    Samples keep ``loc``'s dtype (a posterior built from bf16 encoder output has a bf16 ``loc`` and
+    fp32 ``scale``: bf16 samples for the decoder, exact densities).
     """
 
-    arg_constraints: dict = {}  # checked by hand so the error names the argument
     support = constraints.real
     has_rsample = True
 
@@ -56,11 +55,8 @@ class DiagonalNormal(LatentDistribution):
         event_ndims: int | None = None,
         validate_args: bool | None = None,
     ) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = resolve_validate_args(validate_args)
         if validate:
-            check_finite("loc", loc)
-            check_finite("scale", scale)
-            check_positive("scale", scale)
             shape = check_broadcastable("scale", scale.shape, "loc", loc.shape)
         else:
             shape = torch.broadcast_shapes(loc.shape, scale.shape)
@@ -70,34 +66,39 @@ class DiagonalNormal(LatentDistribution):
             raise ValueError(
                 f"event_ndims must be in [0, {len(shape)}] for parameters of shape {tuple(shape)}, got {event_ndims}"
             )
-        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
         self.event_ndims = int(event_ndims)
+        if validate:
+            check_parameters(self.arg_constraints, {"loc": loc, "scale": scale})
+        self.loc, self.scale = torch.broadcast_tensors(loc, scale)
         split = len(shape) - self.event_ndims
-        super().__init__(shape[:split], shape[split:], validate_args=validate)
+        super().__init__(shape[:split], shape[split:], validate_args=False)  # checked above
+        self._validate_args = validate
+
+    @property
+    def arg_constraints(self) -> dict[str, constraints.Constraint]:  # type: ignore[override]
+        """``loc`` real, ``scale`` positive, both with this instance's ``event_ndims`` as event dims."""
+        return {
+            "loc": constraints.independent(constraints.real, self.event_ndims),
+            "scale": constraints.independent(constraints.positive, self.event_ndims),
+        }
 
     # -- moments -------------------------------------------------------------------------------
     @property
-    def mean(self) -> Tensor:
-        return self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        return self.loc
-
-    @property
     def stddev(self) -> Tensor:
+        """``scale``, ``[*batch, *event]``."""
         return self.scale
 
     @property
     def variance(self) -> Tensor:
+        """``scale^2``, ``[*batch, *event]``."""
         return self.scale.pow(2)
 
     # -- sampling --------------------------------------------------------------------------------
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
         """Reparameterised draw ``loc + scale * eps``, shape ``[*sample_shape, *batch, *event]``."""
         shape = self._extended_shape(torch.Size(sample_shape))
-        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + self.scale * eps
+        eps = torch.randn(shape, dtype=self.scale.dtype, device=self.loc.device)
+        return (self.loc + self.scale * eps).to(self.loc.dtype)
 
     # -- densities -----------------------------------------------------------------------------
     def _event_sum(self, x: Tensor) -> Tensor:
@@ -114,12 +115,12 @@ class DiagonalNormal(LatentDistribution):
             self._check_value(value)
         loc, scale, z = self._work(self.loc), self._work(self.scale), self._work(value)
         white = (z - loc) / scale
-        return self._event_sum(-0.5 * white.pow(2) - scale.log() - 0.5 * _LOG_2PI)
+        return self._event_sum(-0.5 * white.pow(2) - scale.log() - 0.5 * LOG_2PI)
 
     def entropy(self) -> Tensor:
         """``sum_event [log scale + (1 + log 2 pi)/2]``, shape ``[*batch]``."""
         scale = self._work(self.scale)
-        return self._event_sum(scale.log() + 0.5 * (1.0 + _LOG_2PI))
+        return self._event_sum(scale.log() + 0.5 * (1.0 + LOG_2PI))
 
     def kl_to_standard_normal(self) -> Tensor:
         """KL(N(loc, scale^2) || N(0, 1)) = ``sum_event (scale^2 + loc^2 - 1 - 2 log scale) / 2``."""
@@ -137,6 +138,7 @@ class DiagonalNormal(LatentDistribution):
         check_finite("value", value)
 
     def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance=None) -> DiagonalNormal:
+        """The same distribution broadcast to ``[*batch_shape, *event]`` (views, no validation)."""
         shape = torch.Size(batch_shape) + self.event_shape
         return DiagonalNormal(
             self.loc.expand(shape), self.scale.expand(shape), self.event_ndims, validate_args=False

@@ -20,35 +20,35 @@ down the ``p log|U| + n log|V|`` exponents (they are indistinguishable when ``n 
 Note the scale ambiguity ``MN(M, cU, V/c) = MN(M, U, V)``: only the Kronecker product is
 identifiable. Every quantity computed here depends on ``(U, V)`` only through ``V ⊗ U``; the
 posterior families in :mod:`structvae.latent.posteriors` pick a canonical balance.
+
+Precision: log-dets, solves and reductions run in fp32 (fp64 for fp64 inputs) and autocast is off
+in ``rsample``; samples are returned in ``loc``'s dtype, so a bf16 ``loc`` with fp32 covariance
+factors (what the posterior families build from bf16 encoder output) gives bf16 samples.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 from torch.distributions import constraints
 
 from structvae.distributions._checks import (
+    LOG_2PI,
     check_broadcastable,
     check_finite,
-    check_lower_cholesky,
     check_ndim,
-    check_positive,
+    check_parameters,
     check_trailing_shape,
+    full_precision,
     linalg_dtype,
+    resolve_validate_args,
 )
 from structvae.distributions.base import LatentDistribution
-from structvae.distributions.diagonal_normal import _resolve_validate
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class _MatrixNormalBase(LatentDistribution):
     """Shared shape handling and value checks for ``[*batch, N, n, p]`` matrix-normal latents."""
 
-    arg_constraints: dict = {}  # checked by hand so the error names the argument
     support = constraints.independent(constraints.real, 3)
     has_rsample = True
 
@@ -56,27 +56,32 @@ class _MatrixNormalBase(LatentDistribution):
 
     @property
     def num_rows(self) -> int:
+        """``n``, rows of each ``n x p`` map."""
         return int(self.event_shape[-2])
 
     @property
     def num_cols(self) -> int:
+        """``p``, columns of each ``n x p`` map."""
         return int(self.event_shape[-1])
 
     @property
     def mean(self) -> Tensor:
+        """``M``, ``[*batch, N, n, p]``."""
         return self.loc.expand(self.batch_shape + self.event_shape)
 
     @property
     def mode(self) -> Tensor:
+        """``M`` (the mode of a normal is its mean), ``[*batch, N, n, p]``."""
         return self.mean
 
     def _work(self, x: Tensor) -> Tensor:
         # Triangular solves and log-dets are not implemented / not accurate in half precision.
         return x.to(linalg_dtype(self.loc.dtype))
 
-    def _noise(self, sample_shape: torch.Size | tuple[int, ...]) -> Tensor:
+    def _noise(self, sample_shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """Standard normal ``[*sample_shape, *batch, N, n, p]`` in ``dtype`` (that of the covariance factors)."""
         shape = self._extended_shape(torch.Size(sample_shape))
-        return torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return torch.randn(shape, dtype=dtype, device=self.loc.device)
 
     def _check_value(self, value: Tensor) -> None:
         check_trailing_shape("value", value, tuple(self.event_shape), "the event shape (N, n, p)")
@@ -107,6 +112,12 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
     Batch dims of the three arguments broadcast; the event dims must agree exactly.
     """
 
+    arg_constraints = {
+        "loc": constraints.independent(constraints.real, 3),
+        "row_var": constraints.independent(constraints.positive, 2),
+        "col_var": constraints.independent(constraints.positive, 2),
+    }
+
     def __init__(
         self,
         loc: Tensor,
@@ -114,22 +125,20 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
         col_var: Tensor,
         validate_args: bool | None = None,
     ) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = resolve_validate_args(validate_args)
         if validate:
             check_ndim("loc", loc, 3, "[*batch, N, n, p]")
             n_maps, n, p = loc.shape[-3:]
             check_trailing_shape("row_var", row_var, (n_maps, n), "(N, n) =")
             check_trailing_shape("col_var", col_var, (n_maps, p), "(N, p) =")
-            for name, t in (("loc", loc), ("row_var", row_var), ("col_var", col_var)):
-                check_finite(name, t)
-            check_positive("row_var", row_var)
-            check_positive("col_var", col_var)
+            check_parameters(self.arg_constraints, {"loc": loc, "row_var": row_var, "col_var": col_var})
             batch = check_broadcastable("row_var", row_var.shape[:-2], "loc", loc.shape[:-3])
             batch = check_broadcastable("col_var", col_var.shape[:-2], "loc and row_var", batch)
         else:
             batch = torch.broadcast_shapes(loc.shape[:-3], row_var.shape[:-2], col_var.shape[:-2])
         self.loc, self.row_var, self.col_var = loc, row_var, col_var
-        super().__init__(batch, loc.shape[-3:], validate_args=validate)
+        super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
+        self._validate_args = validate
 
     @property
     def variance(self) -> Tensor:
@@ -140,6 +149,7 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
 
     @property
     def stddev(self) -> Tensor:
+        """``sqrt(ω_ki ψ_kj)``, ``[*batch, N, n, p]``."""
         std = self._row_std().unsqueeze(-1) * self._col_std().unsqueeze(-2)
         return std.expand(self.batch_shape + self.event_shape)
 
@@ -151,9 +161,10 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
         """``Z = M + Ω^{1/2} E Ψ^{1/2}`` (eq. 3.8 reparameterisation), ``[*S, *batch, N, n, p]``."""
-        eps = self._noise(sample_shape)
+        row_std, col_std = self._row_std(), self._col_std()
+        eps = self._noise(sample_shape, torch.promote_types(row_std.dtype, col_std.dtype))
         # Scale rows and columns separately rather than forming ω_i ψ_j, which can overflow in half precision.
-        return self.loc + self._row_std().unsqueeze(-1) * eps * self._col_std().unsqueeze(-2)
+        return (self.loc + row_std.unsqueeze(-1) * eps * col_std.unsqueeze(-2)).to(self.loc.dtype)
 
     def _log_dets(self) -> tuple[Tensor, Tensor]:
         """``(log|Ω|, log|Ψ|)`` per map, each ``[*batch, N]``."""
@@ -172,12 +183,12 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
         white = diff / self._work(self._row_std()).unsqueeze(-1) / self._work(self._col_std()).unsqueeze(-2)
         maha = white.pow(2).sum((-2, -1))
         n, p = self.num_rows, self.num_cols
-        return (-0.5 * (maha + self._log_det_cov() + n * p * _LOG_2PI)).sum(-1)
+        return (-0.5 * (maha + self._log_det_cov() + n * p * LOG_2PI)).sum(-1)
 
     def entropy(self) -> Tensor:
         """``Σ_k [½ n p (1 + log 2π) + ½ (p log|Ω_k| + n log|Ψ_k|)]``, shape ``[*batch]``."""
         n, p = self.num_rows, self.num_cols
-        h = 0.5 * n * p * (1.0 + _LOG_2PI) + 0.5 * self._log_det_cov()
+        h = 0.5 * n * p * (1.0 + LOG_2PI) + 0.5 * self._log_det_cov()
         return h.sum(-1).expand(self.batch_shape)
 
     def kl_to_standard_normal(self) -> Tensor:
@@ -208,6 +219,12 @@ class MatrixNormal(_MatrixNormalBase):
     upper triangles are assumed zero (checked only when validating).
     """
 
+    arg_constraints = {
+        "loc": constraints.independent(constraints.real, 3),
+        "row_scale_tril": constraints.independent(constraints.lower_cholesky, 1),
+        "col_scale_tril": constraints.independent(constraints.lower_cholesky, 1),
+    }
+
     def __init__(
         self,
         loc: Tensor,
@@ -215,20 +232,16 @@ class MatrixNormal(_MatrixNormalBase):
         col_scale_tril: Tensor,
         validate_args: bool | None = None,
     ) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = resolve_validate_args(validate_args)
         if validate:
             check_ndim("loc", loc, 3, "[*batch, N, n, p]")
             n_maps, n, p = loc.shape[-3:]
             check_trailing_shape("row_scale_tril", row_scale_tril, (n_maps, n, n), "(N, n, n) =")
             check_trailing_shape("col_scale_tril", col_scale_tril, (n_maps, p, p), "(N, p, p) =")
-            for name, t in (
-                ("loc", loc),
-                ("row_scale_tril", row_scale_tril),
-                ("col_scale_tril", col_scale_tril),
-            ):
-                check_finite(name, t)
-            check_lower_cholesky("row_scale_tril", row_scale_tril)
-            check_lower_cholesky("col_scale_tril", col_scale_tril)
+            check_parameters(
+                self.arg_constraints,
+                {"loc": loc, "row_scale_tril": row_scale_tril, "col_scale_tril": col_scale_tril},
+            )
             batch = check_broadcastable("row_scale_tril", row_scale_tril.shape[:-3], "loc", loc.shape[:-3])
             batch = check_broadcastable(
                 "col_scale_tril", col_scale_tril.shape[:-3], "loc and row_scale_tril", batch
@@ -238,7 +251,8 @@ class MatrixNormal(_MatrixNormalBase):
                 loc.shape[:-3], row_scale_tril.shape[:-3], col_scale_tril.shape[:-3]
             )
         self.loc, self.row_scale_tril, self.col_scale_tril = loc, row_scale_tril, col_scale_tril
-        super().__init__(batch, loc.shape[-3:], validate_args=validate)
+        super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
+        self._validate_args = validate
 
     @property
     def row_covariance(self) -> Tensor:
@@ -259,12 +273,15 @@ class MatrixNormal(_MatrixNormalBase):
 
     @property
     def stddev(self) -> Tensor:
+        """``sqrt(U_ii V_jj)``, ``[*batch, N, n, p]``."""
         return self.variance.sqrt()
 
+    @full_precision
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
         """``Z = M + A E Bᵀ``, shape ``[*S, *batch, N, n, p]``; differentiable in M, A, B."""
-        eps = self._noise(sample_shape)
-        return self.loc + self.row_scale_tril @ eps @ self.col_scale_tril.mT
+        a, b = self.row_scale_tril, self.col_scale_tril
+        eps = self._noise(sample_shape, torch.promote_types(a.dtype, b.dtype))
+        return (self.loc + a @ eps @ b.mT).to(self.loc.dtype)
 
     def _log_dets(self) -> tuple[Tensor, Tensor]:
         """``(log|U|, log|V|) = (2 Σ log A_ii, 2 Σ log B_jj)`` per map, each ``[*batch, N]``."""
@@ -290,12 +307,12 @@ class MatrixNormal(_MatrixNormalBase):
             self._check_value(value)
         diff = self._work(value) - self._work(self.loc)
         n, p = self.num_rows, self.num_cols
-        return (-0.5 * (self._mahalanobis(diff) + self._log_det_cov() + n * p * _LOG_2PI)).sum(-1)
+        return (-0.5 * (self._mahalanobis(diff) + self._log_det_cov() + n * p * LOG_2PI)).sum(-1)
 
     def entropy(self) -> Tensor:
         """``Σ_k [½ n p (1 + log 2π) + ½ (p log|U_k| + n log|V_k|)]``, shape ``[*batch]``."""
         n, p = self.num_rows, self.num_cols
-        h = 0.5 * n * p * (1.0 + _LOG_2PI) + 0.5 * self._log_det_cov()
+        h = 0.5 * n * p * (1.0 + LOG_2PI) + 0.5 * self._log_det_cov()
         return h.sum(-1).expand(self.batch_shape)
 
     def kl_to_standard_normal(self) -> Tensor:

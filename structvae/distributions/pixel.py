@@ -14,7 +14,6 @@ scale into a full tensor whose log it recomputes per pixel, and neither reduces 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -22,22 +21,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from structvae.distributions._checks import check_finite, check_positive, linalg_dtype
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _resolve_validate(validate_args: bool | None) -> bool:
-    return Distribution._validate_args if validate_args is None else bool(validate_args)
-
-
-def _check_value_shape(value: Tensor, S: int) -> None:
-    if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[-1] != S:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"value must have shape [..., S={S}], got {shape}")
+from structvae.distributions._checks import (
+    LOG_2PI,
+    check_broadcastable,
+    check_flat_value,
+    check_last_dim,
+    check_parameters,
+    linalg_dtype,
+    resolve_validate_args,
+)
+from structvae.distributions.base import MeanIsLoc
 
 
-class IndependentNormal(Distribution):
+class IndependentNormal(MeanIsLoc, Distribution):
     """prod_i N(x_i; loc_i, scale_i^2) over S pixels.
 
     ``loc``: [..., S]. ``scale`` (standard deviation): [..., S] tensor (learned, e.g. a decoder head) or a
@@ -45,12 +41,12 @@ class IndependentNormal(Distribution):
     broadcast. ``log_prob(x)`` = -1/2 sum_i ((x_i - loc_i)/scale_i)^2 - sum_i log scale_i - S/2 log 2 pi.
     """
 
-    arg_constraints = {"loc": constraints.real_vector, "scale": constraints.positive}
+    arg_constraints = {"loc": constraints.real_vector, "scale": constraints.independent(constraints.positive, 1)}
     support = constraints.real_vector
     has_rsample = True
 
     def __init__(self, loc: Tensor, scale: Tensor | float, validate_args: bool | None = None) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = resolve_validate_args(validate_args)
         if not isinstance(loc, Tensor) or loc.dim() < 1:
             raise ValueError("loc must be a tensor of shape [..., S]")
         S = loc.shape[-1]
@@ -62,23 +58,17 @@ class IndependentNormal(Distribution):
         dtype = loc.dtype if scalar else torch.promote_types(loc.dtype, scale.dtype)
         if not dtype.is_floating_point:
             raise ValueError(f"loc must be floating point, got {loc.dtype}")
-        self._cdt = linalg_dtype(dtype)
+        self._compute_dtype = linalg_dtype(dtype)
         # A scalar sigma is kept in the compute dtype: rounding it to bf16 would change the model.
-        scale_dtype = self._cdt if scalar else dtype
+        scale_dtype = self._compute_dtype if scalar else dtype
         if isinstance(scale, Tensor):
             scale_t = scale.to(device=loc.device, dtype=scale_dtype)
         else:
             scale_t = torch.tensor(float(scale), dtype=scale_dtype, device=loc.device)
-        try:
-            batch_shape = torch.broadcast_shapes(loc.shape[:-1], scale_t.shape[:-1] if not scalar else ())
-        except RuntimeError as exc:
-            raise ValueError(
-                f"incompatible batch shapes: loc {tuple(loc.shape)}, scale {tuple(scale_t.shape)}"
-            ) from exc
+        scale_batch = scale_t.shape[:-1] if not scalar else torch.Size()
+        batch_shape = check_broadcastable("scale's batch", scale_batch, "loc's batch", loc.shape[:-1])
         if validate:
-            check_finite("loc", loc)
-            check_finite("scale", scale_t)
-            check_positive("scale", scale_t)
+            check_parameters(self.arg_constraints, {"loc": loc, "scale": scale_t})
         self.loc: Tensor = loc.to(dtype).expand(batch_shape + (S,))
         self._scale = scale_t
         self._scalar_scale = scalar
@@ -91,15 +81,8 @@ class IndependentNormal(Distribution):
         return self._scale.expand(self.batch_shape + self.event_shape)
 
     @property
-    def mean(self) -> Tensor:
-        return self.loc
-
-    @property
-    def mode(self) -> Tensor:
-        return self.loc
-
-    @property
     def stddev(self) -> Tensor:
+        """``scale`` in the input dtype, ``[*batch_shape, S]``."""
         return self.scale.to(self.loc.dtype)
 
     @property
@@ -110,32 +93,25 @@ class IndependentNormal(Distribution):
     def _sum_log_scale(self) -> Tensor:
         if self._scalar_scale:
             return self.event_shape[0] * torch.log(self._scale)
-        return self._scale.to(self._cdt).log().sum(-1)
+        return self._scale.to(self._compute_dtype).log().sum(-1)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """``value`` [*extra, *batch_shape, S] -> [*extra, *batch_shape] (compute dtype)."""
         S = self.event_shape[0]
-        _check_value_shape(value, S)
-        if self._validate_args:
-            check_finite("value", value)
-        cdt = self._cdt
-        try:
-            r = value.to(cdt) - self.loc.to(cdt)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"value of shape {tuple(value.shape)} does not broadcast with batch_shape {tuple(self.batch_shape)}"
-            ) from exc
+        check_flat_value(value, self.batch_shape, S, self._validate_args)
+        cdt = self._compute_dtype
+        r = value.to(cdt) - self.loc.to(cdt)
         if self._scalar_scale:
             # One division by sigma^2 after the reduction instead of S of them.
             quad = r.square().sum(-1) / self._scale.square()
         else:
             quad = (r / self._scale.to(cdt)).square().sum(-1)
-        return -0.5 * (quad + S * _LOG_2PI) - self._sum_log_scale()
+        return -0.5 * (quad + S * LOG_2PI) - self._sum_log_scale()
 
     def entropy(self) -> Tensor:
         """S/2 log(2 pi e) + sum_i log scale_i, [*batch_shape] (compute dtype)."""
         S = self.event_shape[0]
-        return (0.5 * S * (1.0 + _LOG_2PI) + self._sum_log_scale()).expand(self.batch_shape)
+        return (0.5 * S * (1.0 + LOG_2PI) + self._sum_log_scale()).expand(self.batch_shape)
 
     def rsample(
         self, sample_shape: torch.Size | Sequence[int] = torch.Size(), noise: Tensor | None = None
@@ -149,19 +125,18 @@ class IndependentNormal(Distribution):
         dtype = self.loc.dtype
         if noise is None:
             noise = torch.randn(shape, dtype=dtype, device=self.loc.device)
-        elif noise.dim() < 1 or noise.shape[-1] != self.event_shape[0]:
-            raise ValueError(
-                f"noise must have shape [..., S={self.event_shape[0]}], got {tuple(noise.shape)}"
-            )
+        else:
+            check_last_dim("noise", noise, self.event_shape[0], f"S={self.event_shape[0]}")
         return self.loc + self._scale.to(dtype) * noise.to(dtype)
 
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: IndependentNormal | None = None
     ) -> IndependentNormal:
+        """The same distribution broadcast to ``[*batch_shape, S]`` (views, no validation)."""
         new = self._get_checked_instance(IndependentNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
-        new._scale, new._scalar_scale, new._cdt = self._scale, self._scalar_scale, self._cdt
+        new._scale, new._scalar_scale, new._compute_dtype = self._scale, self._scalar_scale, self._compute_dtype
         Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -186,15 +161,15 @@ class IndependentBernoulli(Distribution):
     has_rsample = False
 
     def __init__(self, logits: Tensor, validate_args: bool | None = None) -> None:
-        validate = _resolve_validate(validate_args)
+        validate = resolve_validate_args(validate_args)
         if not isinstance(logits, Tensor) or logits.dim() < 1:
             raise ValueError("logits must be a tensor of shape [..., S]")
         if not logits.dtype.is_floating_point:
             raise ValueError(f"logits must be floating point, got {logits.dtype}")
         if validate:
-            check_finite("logits", logits)
+            check_parameters(self.arg_constraints, {"logits": logits})
         self.logits: Tensor = logits
-        self._cdt = linalg_dtype(logits.dtype)
+        self._compute_dtype = linalg_dtype(logits.dtype)
         super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=False)
         self._validate_args = validate
 
@@ -205,10 +180,12 @@ class IndependentBernoulli(Distribution):
 
     @property
     def mean(self) -> Tensor:
+        """``sigmoid(logits)``, ``[*batch_shape, S]``."""
         return self.probs
 
     @property
     def mode(self) -> Tensor:
+        """1 where ``logits > 0`` else 0, ``[*batch_shape, S]`` (logits' dtype)."""
         return (self.logits > 0).to(self.logits.dtype)
 
     @property
@@ -218,23 +195,16 @@ class IndependentBernoulli(Distribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         """``value`` in [0, 1], [*extra, *batch_shape, S] -> [*extra, *batch_shape] (compute dtype)."""
-        S = self.event_shape[0]
-        _check_value_shape(value, S)
-        if self._validate_args:
-            check_finite("value", value)
-            if not bool(((value >= 0) & (value <= 1)).all()):
-                raise ValueError("value must lie in [0, 1] for a Bernoulli likelihood")
-        try:
-            logits, target = torch.broadcast_tensors(self.logits.to(self._cdt), value.to(self._cdt))
-        except RuntimeError as exc:
-            raise ValueError(
-                f"value of shape {tuple(value.shape)} does not broadcast with batch_shape {tuple(self.batch_shape)}"
-            ) from exc
+        check_flat_value(value, self.batch_shape, self.event_shape[0], self._validate_args)
+        if self._validate_args and not bool(((value >= 0) & (value <= 1)).all()):
+            raise ValueError("value must lie in [0, 1] for a Bernoulli likelihood")
+        cdt = self._compute_dtype
+        logits, target = torch.broadcast_tensors(self.logits.to(cdt), value.to(cdt))
         return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
 
     def entropy(self) -> Tensor:
         """-sum_i [p_i log p_i + (1 - p_i) log(1 - p_i)] = sum_i BCE(logits_i, p_i), [*batch_shape]."""
-        logits = self.logits.to(self._cdt)
+        logits = self.logits.to(self._compute_dtype)
         return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(logits), reduction="none").sum(-1)
 
     def sample(self, sample_shape: torch.Size | Sequence[int] = torch.Size()) -> Tensor:
@@ -246,10 +216,11 @@ class IndependentBernoulli(Distribution):
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: IndependentBernoulli | None = None
     ) -> IndependentBernoulli:
+        """The same distribution broadcast to ``[*batch_shape, S]`` (views, no validation)."""
         new = self._get_checked_instance(IndependentBernoulli, _instance)
         batch_shape = torch.Size(batch_shape)
         new.logits = self.logits.expand(batch_shape + self.event_shape)
-        new._cdt = self._cdt
+        new._compute_dtype = self._compute_dtype
         Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new

@@ -43,15 +43,18 @@ Both invariances are tested in ``tests/test_latent_posteriors.py``.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from structvae.distributions._checks import check_finite
+from structvae.distributions._checks import autocast_disabled, check_finite, linalg_dtype
+from structvae.distributions.base import LatentDistribution
 from structvae.distributions.diagonal_normal import DiagonalNormal
 from structvae.distributions.matrix_normal import DiagonalMatrixNormal, MatrixNormal
-from structvae.latent.base import LatentPosterior
+from structvae.latent.base import PosteriorFamily
 
 __all__ = [
     "VectorGaussianPosterior",
@@ -91,13 +94,34 @@ def _tril_from_packed(packed: Tensor, size: int, diag_floor: float) -> Tensor:
     return out
 
 
-class _Posterior(LatentPosterior):
-    """Init-argument checks and the width check of ``__call__`` shared by all families."""
+class _PosteriorFamilyBase(PosteriorFamily):
+    """What every family here shares: argument checks and the precision of the parameter map.
+
+    ``__call__`` checks ``params`` (when validating), promotes them to fp32 (fp64 stays fp64) and runs
+    the family's :meth:`_distribution` with autocast off: softplus, the balancing shift and the
+    Cholesky factors computed in bf16 would put a ~2 % relative error into log_prob and the KL. Only
+    the mean goes back to the encoder's dtype (``_distribution``'s ``mean_dtype``), so that samples
+    fed to a bf16 decoder stay bf16.
+    """
 
     def __init__(self, min_scale: float) -> None:
         if not min_scale > 0:
             raise ValueError(f"min_scale must be strictly positive, got {min_scale}")
         self.min_scale = float(min_scale)
+
+    def __call__(self, params: Tensor, validate_args: bool = False) -> LatentDistribution:
+        """Build q(z|x) from ``params`` ``[B, num_outputs]`` (any float dtype) in fp32/fp64."""
+        if validate_args:
+            self._check_params(params)
+        with autocast_disabled(params.device.type):
+            return self._distribution(params.to(linalg_dtype(params.dtype)), params.dtype, validate_args)
+
+    @abstractmethod
+    def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> LatentDistribution:
+        """The family's parameter map: ``params`` ``[B, num_outputs]`` (checked, fp32/fp64) -> q(z|x).
+
+        The distribution's ``loc`` is cast to ``mean_dtype``; every (co)variance parameter stays fp32.
+        """
 
     @staticmethod
     def _check_positive_int(name: str, value: int) -> int:
@@ -115,13 +139,34 @@ class _Posterior(LatentPosterior):
             )
         check_finite("params", params)
 
-    def _split(self, params: Tensor, sizes: list[int], validate_args: bool) -> tuple[Tensor, ...]:
-        if validate_args:
-            self._check_params(params)
+    @staticmethod
+    def _split(params: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
         return torch.split(params, sizes, dim=-1)
 
 
-class VectorGaussianPosterior(_Posterior):
+class _SpatialPosteriorFamily(_PosteriorFamilyBase):
+    """A family over ``N = channels`` feature maps of ``size x size``: latent shape ``(N, d, d)``."""
+
+    def __init__(self, channels: int = 64, size: int = 3, min_scale: float = 1e-4) -> None:
+        super().__init__(min_scale)
+        self.channels = self._check_positive_int("channels", channels)
+        self.size = self._check_positive_int("size", size)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(N, d, d)``."""
+        return (self.channels, self.size, self.size)
+
+    def _maps(self, flat: Tensor) -> Tensor:
+        """``[..., N d d]`` -> ``[..., N, d, d]`` (row-major ``(n h w)``)."""
+        return rearrange(flat, "... (n h w) -> ... n h w", n=self.channels, h=self.size, w=self.size)
+
+    def _vectors(self, flat: Tensor) -> Tensor:
+        """``[..., N k]`` -> ``[..., N, k]`` (one row/column vector or packed factor per map)."""
+        return rearrange(flat, "... (n k) -> ... n k", n=self.channels)
+
+
+class VectorGaussianPosterior(_PosteriorFamilyBase):
     r"""Original VAE posterior ``q(z|x) = N(μ, diag(σ²))`` over a vector latent ``(C,)``.
 
     Flat layout of ``params[..., 2C]``:
@@ -138,20 +183,21 @@ class VectorGaussianPosterior(_Posterior):
 
     @property
     def num_outputs(self) -> int:
+        """``2C``."""
         return 2 * self.latent_dim
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
+        """``(C,)``."""
         return (self.latent_dim,)
 
-    def __call__(self, params: Tensor, validate_args: bool = False) -> DiagonalNormal:
-        loc, raw_scale = self._split(params, [self.latent_dim, self.latent_dim], validate_args)
-        return DiagonalNormal(
-            loc, _positive(raw_scale, self.min_scale), event_ndims=1, validate_args=validate_args
-        )
+    def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> DiagonalNormal:
+        loc, raw_scale = self._split(params, [self.latent_dim, self.latent_dim])
+        scale = _positive(raw_scale, self.min_scale)
+        return DiagonalNormal(loc.to(mean_dtype), scale, event_ndims=1, validate_args=validate_args)
 
 
-class NaiveSpatialPosterior(_Posterior):
+class NaiveSpatialPosterior(_SpatialPosteriorFamily):
     r"""Spatial latent with a free diagonal Gaussian per entry (paper §3.1, the "naive" baseline).
 
     ``z ∈ R^{N×d×d}`` with ``z_kij ~ N(μ_kij, σ_kij²)`` independent — a vector Gaussian reshaped
@@ -165,30 +211,19 @@ class NaiveSpatialPosterior(_Posterior):
     Outputs: ``2 d² N`` (1152 for ``d = 3``, ``N = 64``).
     """
 
-    def __init__(self, channels: int = 64, size: int = 3, min_scale: float = 1e-4) -> None:
-        super().__init__(min_scale)
-        self.channels = self._check_positive_int("channels", channels)
-        self.size = self._check_positive_int("size", size)
-
     @property
     def num_outputs(self) -> int:
+        """``2 d² N``."""
         return 2 * self.channels * self.size**2
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.size, self.size)
-
-    def _maps(self, flat: Tensor) -> Tensor:
-        return rearrange(flat, "... (n h w) -> ... n h w", n=self.channels, h=self.size, w=self.size)
-
-    def __call__(self, params: Tensor, validate_args: bool = False) -> DiagonalNormal:
+    def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> DiagonalNormal:
         block = self.channels * self.size**2
-        loc, raw_scale = self._split(params, [block, block], validate_args)
+        loc, raw_scale = self._split(params, [block, block])
         scale = _positive(self._maps(raw_scale), self.min_scale)
-        return DiagonalNormal(self._maps(loc), scale, event_ndims=3, validate_args=validate_args)
+        return DiagonalNormal(self._maps(loc).to(mean_dtype), scale, event_ndims=3, validate_args=validate_args)
 
 
-class MatrixNormalPosterior(_Posterior):
+class MatrixNormalPosterior(_SpatialPosteriorFamily):
     r"""Spatial VAE posterior: ``N`` independent matrix normals with diagonal Ω, Ψ (eq. 3.6–3.8).
 
     ``Z_k ~ MN(M_k, Ω_k, Ψ_k)`` with ``Ω_k = diag(ω_k)``, ``Ψ_k = diag(ψ_k)``, so
@@ -207,30 +242,22 @@ class MatrixNormalPosterior(_Posterior):
     Outputs: ``(d² + 2d) N`` (960 for ``d = 3``, ``N = 64``).
     """
 
-    def __init__(self, channels: int = 64, size: int = 3, min_scale: float = 1e-4) -> None:
-        super().__init__(min_scale)
-        self.channels = self._check_positive_int("channels", channels)
-        self.size = self._check_positive_int("size", size)
-
     @property
     def num_outputs(self) -> int:
+        """``(d² + 2d) N``."""
         return (self.size**2 + 2 * self.size) * self.channels
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.size, self.size)
-
-    def __call__(self, params: Tensor, validate_args: bool = False) -> DiagonalMatrixNormal:
+    def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> DiagonalMatrixNormal:
         n, d = self.channels, self.size
-        loc, raw_row, raw_col = self._split(params, [n * d * d, n * d, n * d], validate_args)
-        loc = rearrange(loc, "... (n h w) -> ... n h w", n=n, h=d, w=d)
-        row_var = _positive(rearrange(raw_row, "... (n h) -> ... n h", n=n), self.min_scale)
-        col_var = _positive(rearrange(raw_col, "... (n w) -> ... n w", n=n), self.min_scale)
+        loc, raw_row, raw_col = self._split(params, [n * d * d, n * d, n * d])
+        row_var = _positive(self._vectors(raw_row), self.min_scale)
+        col_var = _positive(self._vectors(raw_col), self.min_scale)
         row_var, col_var = _balanced_variances(row_var, col_var)
+        loc = self._maps(loc).to(mean_dtype)
         return DiagonalMatrixNormal(loc, row_var, col_var, validate_args=validate_args)
 
 
-class LowRankMatrixNormalPosterior(_Posterior):
+class LowRankMatrixNormalPosterior(_SpatialPosteriorFamily):
     r"""Rank-one mean ``M_k = μ_k ν_kᵀ`` with diagonal Ω, Ψ (eq. 3.9–3.10).
 
     ``Z_k ~ MN(μ_k ν_kᵀ, diag(ω_k), diag(ψ_k))``: ``4d`` numbers per map. The mean factors are
@@ -248,31 +275,23 @@ class LowRankMatrixNormalPosterior(_Posterior):
     Outputs: ``4 d N`` (768 for ``d = 3``, ``N = 64``).
     """
 
-    def __init__(self, channels: int = 64, size: int = 3, min_scale: float = 1e-4) -> None:
-        super().__init__(min_scale)
-        self.channels = self._check_positive_int("channels", channels)
-        self.size = self._check_positive_int("size", size)
-
     @property
     def num_outputs(self) -> int:
+        """``4 d N``."""
         return 4 * self.size * self.channels
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.size, self.size)
-
-    def __call__(self, params: Tensor, validate_args: bool = False) -> DiagonalMatrixNormal:
+    def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> DiagonalMatrixNormal:
         n, d = self.channels, self.size
-        blocks = self._split(params, [n * d] * 4, validate_args)
-        mu, nu, raw_row, raw_col = (rearrange(b, "... (n h) -> ... n h", n=n) for b in blocks)
-        loc = torch.einsum("...i,...j->...ij", mu, nu)
+        blocks = self._split(params, [n * d] * 4)
+        mu, nu, raw_row, raw_col = (self._vectors(b) for b in blocks)
+        loc = torch.einsum("...i,...j->...ij", mu, nu).to(mean_dtype)
         row_var, col_var = _balanced_variances(
             _positive(raw_row, self.min_scale), _positive(raw_col, self.min_scale)
         )
         return DiagonalMatrixNormal(loc, row_var, col_var, validate_args=validate_args)
 
 
-class FullMatrixNormalPosterior(_Posterior):
+class FullMatrixNormalPosterior(_SpatialPosteriorFamily):
     r"""Beyond the paper: matrix normals with *full* row/column covariances ``U = A Aᵀ``, ``V = B Bᵀ``.
 
     ``Z_k ~ MN(M_k, A_k A_kᵀ, B_k B_kᵀ)`` with ``A_k, B_k`` lower-triangular ``d × d``, so
@@ -297,28 +316,19 @@ class FullMatrixNormalPosterior(_Posterior):
     Outputs: ``N (d² + 2 · d(d+1)/2) = N (2d² + d)`` (1344 for ``d = 3``, ``N = 64``: 64 · (9 + 6 + 6)).
     """
 
-    def __init__(self, channels: int = 64, size: int = 3, min_scale: float = 1e-4) -> None:
-        super().__init__(min_scale)
-        self.channels = self._check_positive_int("channels", channels)
-        self.size = self._check_positive_int("size", size)
-
     @property
     def num_outputs(self) -> int:
+        """``N (2d² + d)``."""
         return self.channels * (2 * self.size**2 + self.size)
 
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.size, self.size)
-
-    def __call__(self, params: Tensor, validate_args: bool = False) -> MatrixNormal:
+    def _distribution(self, params: Tensor, mean_dtype: torch.dtype, validate_args: bool) -> MatrixNormal:
         n, d = self.channels, self.size
         tri = d * (d + 1) // 2
-        loc, packed_a, packed_b = self._split(params, [n * d * d, n * tri, n * tri], validate_args)
-        loc = rearrange(loc, "... (n h w) -> ... n h w", n=n, h=d, w=d)
+        loc, packed_a, packed_b = self._split(params, [n * d * d, n * tri, n * tri])
         floor = self.min_scale**0.5
-        a = _tril_from_packed(rearrange(packed_a, "... (n t) -> ... n t", n=n), d, floor)
-        b = _tril_from_packed(rearrange(packed_b, "... (n t) -> ... n t", n=n), d, floor)
+        a = _tril_from_packed(self._vectors(packed_a), d, floor)
+        b = _tril_from_packed(self._vectors(packed_b), d, floor)
         shift = _balance_shift(a.diagonal(dim1=-2, dim2=-1).log(), b.diagonal(dim1=-2, dim2=-1).log())
         a = a * torch.exp(-shift).unsqueeze(-1)
         b = b * torch.exp(shift).unsqueeze(-1)
-        return MatrixNormal(loc, a, b, validate_args=validate_args)
+        return MatrixNormal(self._maps(loc).to(mean_dtype), a, b, validate_args=validate_args)

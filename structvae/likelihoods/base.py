@@ -13,7 +13,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from torch import Tensor, nn
-from torch.distributions import Distribution
+
+from structvae.distributions.base import ObservationDistribution
 
 
 class ObservationLikelihood(nn.Module, ABC):
@@ -27,6 +28,7 @@ class ObservationLikelihood(nn.Module, ABC):
         self.image_shape: tuple[int, int, int] | None = None
 
     def build(self, feature_channels: int, image_shape: tuple[int, int, int]) -> ObservationLikelihood:
+        """Create the heads for decoder features with ``feature_channels`` channels and images ``(C, H, W)``."""
         self.image_shape = tuple(image_shape)
         self._build(feature_channels, self.image_shape)
         return self
@@ -36,8 +38,13 @@ class ObservationLikelihood(nn.Module, ABC):
         """Create the head layers."""
 
     @abstractmethod
-    def forward(self, features: Tensor, validate_args: bool = False) -> Distribution:
-        """features ``[B, F, H, W]`` → p(x|z) with ``batch_shape (B,)``, ``event_shape (S,)``."""
+    def forward(self, features: Tensor, validate_args: bool = False) -> ObservationDistribution:
+        """features ``[B, F, H, W]`` → p(x|z) with ``batch_shape (B,)``, ``event_shape (S,)``.
+
+        The result offers ``mean``, ``variance``, ``sample``, ``log_prob``, ``entropy``
+        (:class:`~structvae.distributions.base.ObservationDistribution`); a likelihood with correlated
+        pixels also offers ``covariance_row`` (:class:`~structvae.distributions.base.StructuredCovariance`).
+        """
 
     @abstractmethod
     def mean_parameters(self) -> Iterator[nn.Parameter]:
@@ -50,7 +57,7 @@ class ObservationLikelihood(nn.Module, ABC):
 
     # -------------------------------------------------- entropy in the terms of a per-pixel variance
     # SOS-VAE's entropy constraint (structvae.objectives.MDMM) is stated as a mean per-pixel variance
-    # v̄; each head says what entropy that means for its own family (structvae.objectives.sos).
+    # v̄; each head says what entropy that means for its own family (structvae.distributions.gaussian_entropy).
     def entropy_at_variance(self, variance: float) -> float:
         """ξ_H(v̄): the largest entropy (nats) this head's p(x|z) can have when its per-pixel variances
         average ``variance``; raises ``ValueError`` if the head cannot predict that variance."""
@@ -66,7 +73,7 @@ class ObservationLikelihood(nn.Module, ABC):
         """The smallest entropy (nats) the head can reach; an entropy target must lie above it."""
         return -math.inf
 
-    def diagnostics(self, p: Distribution) -> dict[str, Tensor]:
+    def diagnostics(self, p: ObservationDistribution) -> dict[str, Tensor]:
         """Scalars that show the state of p(x|z) at a glance (logged once per validation epoch):
         here the mean per-pixel variance; structured heads add their covariance's spectrum."""
         return {"pixel_variance": p.variance.float().mean()}

@@ -20,8 +20,10 @@ class BernoulliLikelihood(ObservationLikelihood):
         self.logits = nn.Conv2d(feature_channels, image_shape[0], 3, padding=1)
 
     def forward(self, features: Tensor, validate_args: bool = False) -> IndependentBernoulli:
+        """features ``[B, F, H, W]`` → Bernoulli logits over ``[B, S]``, ``S = C·H·W``."""
         return IndependentBernoulli(rearrange(self.logits(features), "b c h w -> b (c h w)"),
                                     validate_args=validate_args)
 
     def mean_parameters(self) -> Iterator[nn.Parameter]:
+        """The logits convolution (the Bernoulli mean is sigmoid(logits))."""
         return self.logits.parameters()

@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from structvae.distributions.gaussian_entropy import (
+    isotropic_entropy_at_variance,
+    isotropic_variance_at_entropy,
+)
 from structvae.distributions.pixel import IndependentNormal
 from structvae.likelihoods.base import ObservationLikelihood
-from structvae.objectives.sos import isotropic_entropy_at_variance, isotropic_variance_at_entropy
 
 
 class GaussianLikelihood(ObservationLikelihood):

@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from structvae.distributions.lowrank_normal import LowRankMultivariateNormal
-from structvae.likelihoods.base import ObservationLikelihood
-from structvae.objectives.sos import (
+from structvae.distributions.gaussian_entropy import (
     entropy_floor,
     isotropic_entropy_at_variance,
     isotropic_variance_at_entropy,
     lowrank_entropy_at_variance,
     lowrank_variance_at_entropy,
 )
+from structvae.distributions.lowrank_normal import LowRankMultivariateNormal
+from structvae.likelihoods.base import ObservationLikelihood
 
 
 class LowRankGaussianLikelihood(ObservationLikelihood):
@@ -79,7 +79,7 @@ class LowRankGaussianLikelihood(ObservationLikelihood):
         return math.prod(self.image_shape)
 
     def entropy_at_variance(self, variance: float) -> float:
-        """Eq. (2) of :mod:`structvae.objectives.sos` with D = εI: the variance spread equally over the
+        """Eq. (2) of :mod:`structvae.distributions.gaussian_entropy` with D = εI: the variance spread equally over the
         R components; with a learned D, ½·S·log(2πe·v̄) (all of it on the diagonal)."""
         if self.diagonal is not None:
             if not variance > self.epsilon:

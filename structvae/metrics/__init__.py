@@ -4,6 +4,9 @@ Every metric is a torchmetrics ``Metric`` whose states are pooled sums, so value
 DDP, and each has a pure-function counterpart usable without Lightning.
 """
 
+import warnings
+from typing import Any
+
 from structvae.metrics.fid import (
     CACHE_ENV,
     INCEPTION_WEIGHTS_ENV,
@@ -19,9 +22,9 @@ from structvae.metrics.fid import (
     reference_cache_dir,
     resolve_inception_weights,
     to_inception_uint8,
-    write_random_inception_weights,
 )
 from structvae.metrics.nll import (
+    ApproximatePosterior,
     ImageLikelihood,
     LatentVariableModel,
     MeanNLL,
@@ -49,6 +52,7 @@ __all__ = [
     "INCEPTION_WEIGHTS_ENV",
     "INCEPTION_WEIGHTS_FILENAME",
     "INCEPTION_WEIGHTS_URL",
+    "ApproximatePosterior",
     "BandwidthScore",
     "BandwidthSelection",
     "FIDResult",
@@ -75,5 +79,18 @@ __all__ = [
     "resolve_inception_weights",
     "select_parzen_bandwidth",
     "to_inception_uint8",
-    "write_random_inception_weights",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Deprecated location (see README): the random-weights helper is test-only and lives in structvae.testing.
+    if name == "write_random_inception_weights":
+        warnings.warn(
+            "structvae.metrics.write_random_inception_weights moved to structvae.testing",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from structvae.testing import write_random_inception_weights
+
+        return write_random_inception_weights
+    raise AttributeError(f"module 'structvae.metrics' has no attribute {name!r}")

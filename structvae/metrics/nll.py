@@ -25,13 +25,13 @@ noise, no offset, bits/dim = nll_nats / (D ln 2).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from structvae.distributions.base import ApproximatePosterior
 from structvae.metrics._pooled import PooledMeanMetric
 
 __all__ = [
@@ -39,7 +39,8 @@ __all__ = [
     "LatentVariableModel",
     "MeanNLL",
     "NLLResult",
-    "Posterior",
+    "ApproximatePosterior",
+    "Posterior",  # deprecated alias of ApproximatePosterior
     "bits_per_dim",
     "dequantize",
     "importance_sampled_nll",
@@ -49,27 +50,23 @@ _LOG_256 = math.log(256.0)
 _LOG_2 = math.log(2.0)
 
 
-class Posterior(Protocol):
-    """q(z|x) for a batch of B images: ``rsample(sample_shape)`` → ``[*sample_shape, B, *latent]``."""
-
-    def rsample(self, sample_shape: torch.Size | Sequence[int] = ...) -> Tensor: ...
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        """``value`` ``[K, B, *latent]`` → ``[K, B]`` (reduced over the latent event)."""
-        ...
+#: Former name of :class:`~structvae.distributions.base.ApproximatePosterior` (deprecated alias).
+Posterior = ApproximatePosterior
 
 
 class ImageLikelihood(Protocol):
     """p(x|z) over FLATTENED images: ``log_prob(x_flat [N, S])`` → ``[N]``."""
 
-    def log_prob(self, value: Tensor) -> Tensor: ...
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``value`` ``[N, S]`` → ``[N]``."""
+        ...
 
 
 @runtime_checkable
 class LatentVariableModel(Protocol):
     """What :func:`importance_sampled_nll` needs from a VAE (put the model in ``eval()`` mode first).
 
-    * ``encode(x [B, C, H, W])`` → :class:`Posterior` q(z|x);
+    * ``encode(x [B, C, H, W])`` → :class:`ApproximatePosterior` q(z|x);
     * ``decode(z [K·B, *latent])`` → :class:`ImageLikelihood` over ``[K·B, S]``, ``S = C·H·W``;
     * ``prior_log_prob(z [K, B, *latent])`` → ``[K, B]``;
     * ``likelihood_is_discrete``: True for a probability mass function (Bernoulli): no dequantisation.
@@ -77,11 +74,17 @@ class LatentVariableModel(Protocol):
 
     likelihood_is_discrete: bool
 
-    def encode(self, x: Tensor) -> Posterior: ...
+    def encode(self, x: Tensor) -> ApproximatePosterior:
+        """``x`` ``[B, C, H, W]`` → q(z|x) with batch ``(B,)``."""
+        ...
 
-    def decode(self, z: Tensor) -> ImageLikelihood: ...
+    def decode(self, z: Tensor) -> ImageLikelihood:
+        """``z`` ``[N, *latent]`` → p(x|z) over ``[N, S]``."""
+        ...
 
-    def prior_log_prob(self, z: Tensor) -> Tensor: ...
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """``z`` ``[K, B, *latent]`` → ``[K, B]``."""
+        ...
 
 
 def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -198,6 +201,7 @@ class MeanNLL(PooledMeanMetric):
         self._accumulate(nll_nats)
 
     def compute(self) -> NLLResult:
+        """Pooled mean NLL (nats per image, ± s.e.) and bits/dim over every image seen on every rank."""
         pooled = self._pooled()
         return NLLResult(
             nll_nats=pooled.mean,

@@ -232,6 +232,7 @@ class ParzenLogLikelihood(PooledMeanMetric):
         )
 
     def compute(self) -> ParzenResult:
+        """Pooled mean Parzen log-likelihood (± s.e.) over every test image seen on every rank."""
         pooled = self._pooled()
         return ParzenResult(
             mean_log_likelihood=pooled.mean,

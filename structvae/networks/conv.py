@@ -1,18 +1,19 @@
 """Convolutional encoder and decoder of the Spatial VAE (Wang, Yuan & Ji, SDM 2019, Sec. 4).
 
-Both networks are built in two phases: ``__init__`` takes only hyper-parameters (so LightningCLI can
-instantiate them from YAML) and ``build`` creates the layers once the image shape and the latent
-posterior are known. The encoder is a stack of stride-2 convolutions plus one fully connected output
-layer; the decoder is a stack of transposed convolutions that grows a ``d×d`` latent map to the
-image size and returns the last *feature map* — the observation-likelihood heads sit on top of it.
+Both networks are built in two phases (see :mod:`structvae.networks.base`), for any H × W. The
+encoder is a stack of stride-2 convolutions plus one fully connected output layer; the decoder is
+a stack of transposed convolutions that grows a ``d×d`` latent map to exactly the image size
+(:func:`halving_plan`) and returns the last *feature map* — the likelihood heads sit on top of it.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import torch
 from torch import Tensor, nn
+
+from structvae.networks.base import ImageDecoder, ImageEncoder
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -25,7 +26,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm must be 'batch', 'group' or 'none', got {kind!r}")
 
 
-class ConvEncoder(nn.Module):
+class ConvEncoder(ImageEncoder):
     """x ``[B, C, H, W]`` → flat posterior parameters ``[B, num_outputs]``.
 
     ``len(channels)`` stride-2 convolutions (kernel 4, padding 1; each halves the size, rounding
@@ -60,26 +61,45 @@ class ConvEncoder(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-def decoder_plan(latent_size: int, image_size: int) -> tuple[int, int]:
-    """Return ``(adjust_kernel, num_doublings)`` that grow a ``latent_size`` map to ``image_size``.
+def halving_plan(latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, list[tuple[int, int]]]:
+    """Return ``(doublings m, map sizes [(h, w)] from the base to the image)`` for growing a latent map.
 
-    The decoder doubles the size ``m`` times with (kernel 4, stride 2, padding 1) transposed
-    convolutions; before that, one stride-1 transposed convolution of kernel ``k`` grows
-    ``d → d + k − 1 = image_size / 2**m`` (skipped when ``k == 1``). We take the most doublings for
-    which the base size is a whole number not smaller than the latent: 3 → 4 → … → 64 at CelebA size
-    (5 layers, as in Spatial VAE) and 3 → 4 → … → 32 at CIFAR size (4 layers).
+    The decoder grows a ``latent_hw`` map to a *base* size with one stride-1 transposed convolution,
+    then doubles it ``m`` times with (kernel 4, stride 2, padding 1) transposed convolutions whose
+    ``output_padding`` (0 or 1 per axis: ``size_{k+1} − 2·size_k``) adds the odd pixel, so any
+    H × W is reached exactly. Sizes halve backwards from the image, rounding down:
+    ``size_k = ⌊image / 2**(m−k)⌋``. Two choices of ``m``:
+
+    * exact: the most doublings for which both sides divide by ``2**m`` with a base ≥ the latent
+      (3 → 4 → … → 64 at CelebA-64, 3 → 7 → 14 → 28 at MNIST, as in Spatial VAE);
+    * floor: the most doublings for which ``⌊side / 2**m⌋ ≥ latent`` on both axes.
+
+    Exact halving is kept unless it costs more than one doubling (218×178 divides by 2 only once:
+    exact would need a 107×87 kernel; floor gives 6×5 → 13×11 → 27×22 → 54×44 → 109×89 → 218×178).
     """
-    if image_size < latent_size:
-        raise ValueError(f"latent size {latent_size} is larger than the image size {image_size}")
-    best = None
-    for m in range(int(math.log2(image_size)) + 1):
-        if image_size % (2**m) == 0 and image_size // (2**m) >= latent_size:
-            best = m
-    base = image_size // (2**best)
-    return base - latent_size + 1, best
+    (lh, lw), (h, w) = latent_hw, image_hw
+    if h < lh or w < lw:
+        raise ValueError(f"latent size {lh}×{lw} is larger than the image size {h}×{w}")
+
+    def most(fits) -> int:
+        m = 0
+        while fits(m + 1):
+            m += 1
+        return m
+
+    exact = most(lambda m: h % 2**m == 0 and w % 2**m == 0 and h // 2**m >= lh and w // 2**m >= lw)
+    floor = most(lambda m: h // 2**m >= lh and w // 2**m >= lw)
+    m = exact if exact >= floor - 1 else floor
+    return m, [(h // 2 ** (m - k), w // 2 ** (m - k)) for k in range(m + 1)]
 
 
-class ConvDecoder(nn.Module):
+def decoder_plan(latent_size: int, image_size: int) -> tuple[int, int]:
+    """Square images: ``(adjust_kernel, num_doublings)`` of :func:`halving_plan` (kernel 1: no layer)."""
+    m, sizes = halving_plan((latent_size, latent_size), (image_size, image_size))
+    return sizes[0][0] - latent_size + 1, m
+
+
+class ConvDecoder(ImageDecoder):
     """z ``[B, N, d, d]`` or ``[B, C]`` → feature map ``[B, out_channels, H, W]``.
 
     A vector latent is first lifted to a ``lift_channels × lift_size × lift_size`` map by one
@@ -106,29 +126,32 @@ class ConvDecoder(nn.Module):
         return self.width
 
     def build(self, latent_shape: tuple[int, ...], image_shape: tuple[int, int, int]) -> ConvDecoder:
+        """Layers for ``latent_shape`` → ``image_shape`` (any H × W; sizes from :func:`halving_plan`)."""
         _, h, w = image_shape
-        if h != w:
-            raise ValueError(f"ConvDecoder needs square images, got {h}×{w}; crop or resize the data")
         layers: list[nn.Module] = []
         if len(latent_shape) == 1:
-            c, size = self.lift_channels, self.lift_size
-            layers += [nn.ConvTranspose2d(latent_shape[0], c, size, 1, 0, bias=self.norm == "none"),
+            c, size = self.lift_channels, (self.lift_size, self.lift_size)
+            layers += [nn.ConvTranspose2d(latent_shape[0], c, self.lift_size, 1, 0, bias=self.norm == "none"),
                        _norm(self.norm, c), nn.LeakyReLU(self.activation_slope)]
         elif len(latent_shape) == 3:
-            c, size = latent_shape[0], latent_shape[1]
+            c, size = latent_shape[0], (latent_shape[1], latent_shape[2])
         else:
             raise ValueError(f"latent_shape must be (C,) or (N, d, d), got {latent_shape}")
-        kernels: list[tuple[int, int, int]] = []
-        adjust, doublings = decoder_plan(size, h)
-        if adjust > 1:
-            kernels.append((adjust, 1, 0))
-        kernels += [(4, 2, 1)] * doublings
+        # (kernel, stride, padding, output_padding) of each transposed convolution
+        _, sizes = halving_plan(size, (h, w))
+        adjust = (sizes[0][0] - size[0] + 1, sizes[0][1] - size[1] + 1)
+        kernels: list[tuple[tuple[int, int], int, int, tuple[int, int]]] = []
+        if adjust != (1, 1):
+            kernels.append((adjust, 1, 0, (0, 0)))
+        for (h0, w0), (h1, w1) in itertools.pairwise(sizes):
+            kernels.append(((4, 4), 2, 1, (h1 - 2 * h0, w1 - 2 * w0)))
         if not kernels:
-            kernels = [(3, 1, 1)]  # latent already at image size: still one layer of features
+            kernels = [((3, 3), 1, 1, (0, 0))]  # latent already at image size: still one layer of features
         num = len(kernels)
-        for i, (k, s, p) in enumerate(kernels):
+        for i, (k, s, p, op) in enumerate(kernels):
             out = min(self.max_channels, self.width * 2 ** (num - 1 - i))
-            layers += [nn.ConvTranspose2d(c, out, k, s, p, bias=self.norm == "none"), _norm(self.norm, out),
+            layers += [nn.ConvTranspose2d(c, out, k, s, p, output_padding=op, bias=self.norm == "none"),
+                       _norm(self.norm, out),
                        nn.LeakyReLU(self.activation_slope)]
             c = out
         self.layers = nn.Sequential(*layers)
@@ -145,7 +168,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ConvEncoder", "ConvDecoder", "decoder_plan", "count_parameters"]
+__all__ = ["ConvEncoder", "ConvDecoder", "decoder_plan", "halving_plan", "count_parameters"]
 
 
 if __name__ == "__main__":  # pragma: no cover - quick architecture table

@@ -70,11 +70,11 @@ class MDMM(Objective):
         kl_target: ξ_KL in nats per item (SOS-VAE: 45), or ``None`` for no KL constraint (then the
             KL enters the loss as in the ELBO).
         entropy_target: ξ_H in nats per item, or ``None``. Prefer ``variance_target``: raw nats mean
-            different things at different S, R and ε (see :mod:`structvae.objectives.sos`).
+            different things at different S, R and ε (see :mod:`structvae.distributions.gaussian_entropy`).
         variance_target: the entropy constraint stated as a mean per-pixel variance v̄ of p(x|z);
             ξ_H is derived when the model is built from the likelihood's S, R and ε
             (:meth:`ObservationLikelihood.entropy_at_variance`, eq. 2 of
-            :mod:`structvae.objectives.sos`). At most one of the two entropy arguments.
+            :mod:`structvae.distributions.gaussian_entropy`). At most one of the two entropy arguments.
         damping: the MDMM damping coefficient.
         multiplier_lr: learning rate of the multipliers' own optimizer group.
 

@@ -67,8 +67,8 @@ BUDGETS: dict[str, Budget] = {
     "smoke": Budget(name="smoke", epochs={"spatial-vae": 1, "sos-vae": 2}, seeds=1, split="test_file",
                     limit_batches=2, parzen_samples=200, monitor_samples=50, nll_items=20, nll_k=4, fd_samples=200,
                     classifier_epochs=1, network_free_epochs=1, batch_size=32, jobs=1),
-    # ~30–40 min per paper on 2 CPU cores shared with other work: the MNIST test-file split, 2 seeds, short
-    # training (measured: ~2 min per epoch per run under a load of ~12 on 2 cores, ~10 s when idle).
+    # About an hour per paper on 2 CPU cores shared with other work (measured under a load of ~11: spatial-vae,
+    # 8 runs, 54 min; sos-vae with --seeds 1, 6 runs, 27 min): the MNIST test-file split, short training.
     "cpu": Budget(name="cpu", epochs={"spatial-vae": 5, "sos-vae": 5}, seeds=2, split="auto", nll_items=200,
                   nll_k=50, fd_samples=2_000, classifier_epochs=3, network_free_epochs=8),
     # What a user with the full data and a GPU runs: standard split, the configs' own epochs, 3 seeds.

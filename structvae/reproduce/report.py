@@ -68,7 +68,7 @@ def summarise(experiments: list[Experiment], runs: list) -> dict[str, dict]:
     for e in experiments:
         results = [r for (exp, _, rep), _, r in runs if exp.key == e.key and not rep and "error" not in r]
         keys = {k for r in results for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        out[e.key] = {k: mean_se([r.get(k) for r in results]) for k in keys}
+        out[e.key] = {k: mean_se([r.get(k) for r in results]) for k in sorted(keys)}
     return out
 
 

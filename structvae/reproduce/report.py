@@ -59,7 +59,7 @@ def _commit() -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False, cwd=REPO).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" (+ uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return head + (" (+ uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!reports") else "")
 
 
 def summarise(experiments: list[Experiment], runs: list) -> dict[str, dict]:

@@ -192,7 +192,7 @@ class MNISTDataModule(ImageDataModule):
             download_mnist(self.root)
 
     def check_available(self, stage: str) -> None:
-        split = "test" if stage in ("test", "predict") else "train"
+        split = "test" if stage in ("test", "predict") or self.resolved_split == "test_file" else "train"
         if not self.download and find_mnist_file(self.root, MNIST_FILES[split]) is None:
             raise DataNotFoundError(
                 _missing_message(self.root, split), path=str(self.root), command=mnist_prepare_command(self.root)
@@ -233,7 +233,7 @@ class MNISTDataModule(ImageDataModule):
             return
         images = self._images("test")
         val_idx, test_idx, train_idx = self._test_file_parts(len(images))
-        self.train_set = ImageTensorDataset(images, train_idx, transform=self.train_transform())
+        self.train_set = ImageTensorDataset(images, train_idx)
         self.val_set = ImageTensorDataset(images, val_idx)
         self.test_set = ImageTensorDataset(images, test_idx)
 

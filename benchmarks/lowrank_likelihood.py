@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import peak_bytes, sync  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ("torch", "ours-eps", "ours-diag")
@@ -55,16 +57,6 @@ def _make(impl: str, loc, factor, diag, eps: float):
     from structvae.distributions.lowrank_normal import LowRankMultivariateNormal
 
     return LowRankMultivariateNormal(loc, factor, eps if impl == "ours-eps" else diag, validate_args=False)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def worker(spec: dict) -> dict:
@@ -91,16 +83,7 @@ def worker(spec: dict) -> dict:
         small = [t[:1, :64].detach().clone().requires_grad_(True) for t in (loc, factor)]
         d = _make(impl, small[0], small[1], diag[:64], eps)
         (-(d.log_prob(x[:1, :64]) - d.entropy()).mean()).backward()
-        _sync(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step(impl)
-            _sync(device)
-            return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
-        before = _rss_bytes()
-        step(impl)
-        return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}
+        return {"peak_bytes": peak_bytes(lambda: step(impl), device)}
 
     # Timing: implementations interleaved step by step, so background load drifts hit all of them alike.
     impls = spec["impls"]
@@ -111,10 +94,10 @@ def worker(spec: dict) -> dict:
     values = {}
     for _ in range(spec["repeats"]):
         for impl in impls:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             log_prob, entropy = step(impl)
-            _sync(device)
+            sync(device)
             times[impl].append(time.perf_counter() - t0)
             values[impl] = (log_prob.detach().double().tolist(), entropy.detach().double().tolist())
     return {

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,22 +39,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import peak_bytes, sync  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_SMALL = "torch,ours,ours+cl,ours+bf16,ours+ckpt,ours+compile,ours+cl+compile"
 DEFAULT_LARGE = "torch,ours,ours+ckpt"
 EPSILON, RANK, LATENT, KL_TARGET = 1e-5, 25, 128, 45.0
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def build_model(image_shape: tuple[int, int, int]):
@@ -148,24 +140,15 @@ def worker(spec: dict) -> dict:
         step(x[:1])
     if spec["mode"] == "mem":
         (step,) = steps
-        _sync(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step(x)
-            _sync(device)
-            return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
-        before = _rss_bytes()
-        step(x)
-        return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}
+        return {"peak_bytes": peak_bytes(lambda: step(x), device)}
     times: dict[str, list[float]] = {s.name: [] for s in steps}
     for i in range(spec["warmup"] + spec["repeats"]):
         for step in steps:
             step.prepare()
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step(x)
-            _sync(device)
+            sync(device)
             if i >= spec["warmup"]:
                 times[step.name].append(time.perf_counter() - t0)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}

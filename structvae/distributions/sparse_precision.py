@@ -54,7 +54,7 @@ def check_kernel_size(kernel_size: object, height: int, width: int) -> int:
                          f"got {kernel_size!r}")
     if kernel_size > min(height, width):
         raise ValueError(f"kernel_size {kernel_size} is larger than the {height}x{width} image; "
-                         f"use an odd kernel_size ≤ {min(height, width)}")
+                         f"use an odd kernel_size ≤ {min(height, width) - 1 + min(height, width) % 2}")
     return kernel_size
 
 

@@ -187,7 +187,8 @@ def test_bad_arguments_give_one_clear_error():
     big = make((1, 5, 4), 5, grad=False)
     assert "larger than the 5x4 image" in _errors(lambda: SparsePrecisionNormal(*big, 5))
     assert "K = C·(k²−1)/2 + C−1 = 4" in _errors(lambda: SparsePrecisionNormal(loc, log_diag, off_diag[:, :, :3], 3))
-    assert "log_diag must end in (C, H, W)" in _errors(lambda: SparsePrecisionNormal(loc, log_diag[..., :3], off_diag))
+    assert "loc must have shape [..., C, H, W]" in _errors(lambda: SparsePrecisionNormal(loc, log_diag[..., :3],
+                                                                                        off_diag[..., :3]))
     assert "does not broadcast" in _errors(lambda: SparsePrecisionNormal(loc[:1].expand(3, -1, -1, -1), log_diag,
                                                                          off_diag))
     bad = log_diag.clone()
@@ -200,4 +201,6 @@ def test_bad_arguments_give_one_clear_error():
     assert "index must be an int" in _errors(lambda: dist.covariance_row(20))
     assert "noise must have shape" in _errors(lambda: dist.rsample(noise=torch.zeros(2, 19, dtype=F64)))
     assert "value must have shape" in _errors(lambda: dist.log_prob(torch.zeros(2, 19, dtype=F64)))
-    assert "floating-point tensor" in _errors(lambda: SparsePrecisionNormal(loc[0, 0], log_diag, off_diag))
+    assert "floating-point tensor" in _errors(lambda: SparsePrecisionNormal(loc, log_diag[0, 0], off_diag))
+    flat = SparsePrecisionNormal(loc.flatten(1), log_diag, off_diag, 3)  # loc may come flattened
+    assert torch.equal(flat.mean, dist.mean) and flat.event_shape == (20,)

@@ -63,7 +63,7 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
 
     Shapes (batch dims broadcast among the three parameters; ``K = C·(k² − 1)/2 + C − 1``):
 
-    * ``loc``: [..., C, H, W] (μ)
+    * ``loc``: [..., C, H, W] (μ; or flattened, [..., S])
     * ``log_diag``: [..., C, H, W], log Lᵢᵢ (a log: the diagonal is positive by construction)
     * ``off_diag``: [..., C, K, H, W], L's below-diagonal entries of each column, slot layout in
       :mod:`structvae.distributions._sparse_kernels` (slots falling outside the image are ignored)
@@ -78,7 +78,7 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
     """
 
     arg_constraints = {
-        "loc": constraints.independent(constraints.real, 3),
+        "loc": constraints.real_vector,  # as stored: flattened [..., S]
         "log_diag": constraints.independent(constraints.real, 3),
         "off_diag": constraints.independent(constraints.real, 4),
     }
@@ -88,15 +88,20 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
     def __init__(self, loc: Tensor, log_diag: Tensor, off_diag: Tensor, kernel_size: int = 3,
                  variance_samples: int = 64, validate_args: bool | None = None) -> None:
         validate = resolve_validate_args(validate_args)
-        for name, value, ndim, layout in (("loc", loc, 3, "[..., C, H, W]"), ("log_diag", log_diag, 3, "[..., C, H, W]"),
-                                          ("off_diag", off_diag, 4, "[..., C, K, H, W]")):
+        for name, value, ndim, layout in (("log_diag", log_diag, 3, "[..., C, H, W]"),
+                                          ("off_diag", off_diag, 4, "[..., C, K, H, W]"),
+                                          ("loc", loc, 1, "[..., C, H, W] or [..., S]")):
             if not isinstance(value, Tensor) or value.dim() < ndim or not value.dtype.is_floating_point:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"{name} must be a floating-point tensor of shape {layout}, got {shape}")
-        C, H, W = loc.shape[-3:]
+        C, H, W = log_diag.shape[-3:]
+        S = C * H * W
+        if tuple(loc.shape[-3:]) != (C, H, W):
+            if loc.shape[-1] != S:
+                raise ValueError(f"loc must have shape [..., C, H, W] = [..., {C}, {H}, {W}] like log_diag or the "
+                                 f"flattened [..., S={S}], got {tuple(loc.shape)}")
+            loc = loc.unflatten(-1, (C, H, W))
         check_kernel_size(kernel_size, H, W)
-        if tuple(log_diag.shape[-3:]) != (C, H, W):
-            raise ValueError(f"log_diag must end in (C, H, W) = {(C, H, W)} like loc, got shape {tuple(log_diag.shape)}")
         K = num_off_diagonal(C, kernel_size)
         if tuple(off_diag.shape[-4:]) != (C, K, H, W):
             raise ValueError(f"off_diag must end in (C, K, H, W) = {(C, K, H, W)}: K = C·(k²−1)/2 + C−1 = {K} for "
@@ -108,9 +113,9 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
         batch_shape = check_broadcastable("loc's batch", loc.shape[:-3], "the batch of log_diag and off_diag",
                                           factor_batch)
         if validate:
-            check_parameters(self.arg_constraints, {"loc": loc, "log_diag": log_diag, "off_diag": off_diag})
+            check_parameters(self.arg_constraints, {"loc": loc.flatten(-3), "log_diag": log_diag,
+                                                    "off_diag": off_diag})
         dtype = torch.promote_types(torch.promote_types(loc.dtype, log_diag.dtype), off_diag.dtype)
-        S = C * H * W
         self.loc: Tensor = loc.to(dtype).expand(batch_shape + (C, H, W)).reshape(batch_shape + (S,))
         self._log_diag, self._off_diag = log_diag, off_diag  # unbroadcast, input dtypes
         self._factor_batch_shape = factor_batch

@@ -259,6 +259,6 @@ class CelebADataModule(HDF5ImageDataModule):
         size_arg = f" --size {size.group(1)}" if size and size.group(1) != "64" else ""
         if str(self.path).endswith("native.h5"):
             size_arg = " --native"
-        if str(self.path).endswith("_gray.h5") or self.channels == 1:
+        if str(self.path).endswith("_gray.h5") or getattr(self, "channels", None) == 1:
             size_arg += " --grayscale"
         return f"structvae data celeba --src <folder with img_align_celeba/> --out {shlex.quote(str(self.path))}{size_arg}"

@@ -33,6 +33,11 @@ class ObservationLikelihood(nn.Module, ABC):
         self._build(feature_channels, self.image_shape)
         return self
 
+    @property
+    def num_pixels(self) -> int:
+        """S = C·H·W, the values p(x|z) is over (once built)."""
+        return math.prod(self.image_shape)
+
     @abstractmethod
     def _build(self, feature_channels: int, image_shape: tuple[int, int, int]) -> None:
         """Create the head layers."""

@@ -18,7 +18,6 @@ log p and the entropy cost O(S·k²) (:class:`structvae.distributions.SparsePrec
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch.nn.functional as F
@@ -75,10 +74,6 @@ class SparsePrecisionLikelihood(ObservationLikelihood):
 
     def mean_parameters(self) -> Iterator[nn.Parameter]:
         return self.loc.parameters()
-
-    @property
-    def num_pixels(self) -> int:
-        return math.prod(self.image_shape)
 
     def entropy_at_variance(self, variance: float) -> float:
         """½·S·log(2πe·v̄): the largest entropy of *any* Gaussian whose variances average v̄ (Hadamard's

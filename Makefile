@@ -59,6 +59,7 @@ reproduce: install
 # ARGS go to the training-step benchmark, e.g. make benchmark ARGS=--full (every option at 218×178 too).
 benchmark: install
 	$(PY) benchmarks/lowrank_likelihood.py
+	$(PY) benchmarks/sparse_precision.py
 	$(PY) benchmarks/train_step.py $(ARGS)
 
 clean:

@@ -30,6 +30,8 @@ def experiment_image_shape(path: Path) -> tuple[int, int, int]:
         return (3, 218, 178)
     if name.endswith("celeba"):
         return (3, 64, 64)
+    if name.endswith("celeba_gray64"):
+        return (1, 64, 64)
     if name.endswith("cifar10"):
         return (3, 32, 32)
     if name.endswith("mnist"):

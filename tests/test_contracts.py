@@ -22,6 +22,7 @@ from structvae.distributions import (
     LowRankMultivariateNormal,
     MatrixNormal,
     ObservationDistribution,
+    SparsePrecisionNormal,
     StructuredCovariance,
 )
 
@@ -35,6 +36,8 @@ def observation_distributions() -> dict[str, object]:
         "lowrank": LowRankMultivariateNormal(loc, torch.randn(B, S, R, generator=G), 1e-2),
         "normal": IndependentNormal(loc, torch.rand(B, S, generator=G) + 0.1),
         "bernoulli": IndependentBernoulli(loc),
+        "sparse": SparsePrecisionNormal(loc, 0.1 * torch.randn(B, 1, 3, 4, generator=G),  # S = 1·3·4
+                                        0.1 * torch.randn(B, 1, 4, 3, 4, generator=G), kernel_size=3),
     }
 
 
@@ -50,15 +53,15 @@ def latent_distributions() -> dict[str, LatentDistribution]:
     }
 
 
-@pytest.mark.parametrize("name", ["lowrank", "normal", "bernoulli"])
+@pytest.mark.parametrize("name", ["lowrank", "normal", "bernoulli", "sparse"])
 def test_observation_distributions_offer_what_callers_use(name: str) -> None:
     p = observation_distributions()[name]
     assert isinstance(p, ObservationDistribution)
-    assert isinstance(p, StructuredCovariance) == (name == "lowrank")
+    assert isinstance(p, StructuredCovariance) == (name in ("lowrank", "sparse"))
     x = p.sample((4,))
     assert x.shape == (4, B, S) and p.mean.shape == p.variance.shape == (B, S)
     assert p.log_prob(x.clamp(0, 1)).shape == (4, B) and p.entropy().shape == (B,)
-    if name == "lowrank":
+    if name in ("lowrank", "sparse"):
         assert p.covariance_row(3).shape == (B, S)
 
 
@@ -79,7 +82,7 @@ def test_a_latent_distribution_without_its_kl_cannot_be_built() -> None:
         Incomplete()
 
 
-@pytest.mark.parametrize("name", ["lowrank", "normal", "bernoulli", "diagonal", "diag_matrix", "matrix"])
+@pytest.mark.parametrize("name", ["lowrank", "normal", "bernoulli", "sparse", "diagonal", "diag_matrix", "matrix"])
 def test_declared_arg_constraints_hold_and_are_enforced(name: str) -> None:
     """Each parameter satisfies its declared constraint with the distribution's batch shape, and an
     invalid value of any declared parameter raises a ValueError naming it when validating."""
@@ -94,6 +97,7 @@ def test_declared_arg_constraints_hold_and_are_enforced(name: str) -> None:
         "lowrank": lambda d: (d.loc, d.cov_factor, d.cov_diag),
         "normal": lambda d: (d.loc, d.scale),
         "bernoulli": lambda d: (d.logits,),
+        "sparse": lambda d: (d.loc, d.log_diag, d.off_diag),
         "diagonal": lambda d: (d.loc, d.scale),
         "diag_matrix": lambda d: (d.loc, d.row_var, d.col_var),
         "matrix": lambda d: (d.loc, d.row_scale_tril, d.col_scale_tril),

@@ -145,7 +145,7 @@ def test_low_rank_operations_on_a_pixel_independent_likelihood_name_the_supporte
     calls = [lambda: E.principal_component_walk(bern, z), lambda: E.factor_noise_slerp(bern, z),
              lambda: E.component_scaling(bern, z), lambda: E.conditional_edit(bern, z, mask, torch.ones(64))]
     for call in calls:
-        with pytest.raises(ValueError, match="LowRankGaussianLikelihood.*BernoulliLikelihood is pixel-independent"):
+        with pytest.raises(ValueError, match="LowRankGaussianLikelihood.*BernoulliLikelihood has no low-rank factor"):
             call()
     assert not E.has_low_rank_likelihood(bern) and E.has_low_rank_likelihood(tiny_model())
 

@@ -39,7 +39,7 @@ _EXPORTS = {
     "CelebADataModule": "hdf5",
     "SyntheticImageDataModule": "synthetic",
     "make_synthetic_images": "synthetic",
-    "convert_celeba": "convert",
+    "convert_celeba": "celeba_convert",
     "convert_folder": "convert",
 }
 
@@ -68,8 +68,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from structvae.data.base import EpochRandomSampler, ImageDataModule, ImageTensorDataset
+    from structvae.data.celeba_convert import convert_celeba
     from structvae.data.cifar import CIFAR10DataModule
-    from structvae.data.convert import convert_celeba, convert_folder
+    from structvae.data.convert import convert_folder
     from structvae.data.digits import DigitsDataModule
     from structvae.data.errors import (
         DataCorruptError,

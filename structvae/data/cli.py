@@ -6,6 +6,7 @@ Commands::
     structvae data cifar10 --root data/cifar10
     structvae data celeba  --src PATH/TO/celeba [--out data/celeba/celeba64.h5] [--size 64] [--crop 148]
     structvae data celeba  --src PATH/TO/celeba --native        # 218x178, no crop, no resize (SOS-VAE)
+    structvae data celeba  --src PATH/TO/celeba --grayscale     # 64x64 luma → data/celeba/celeba64_gray.h5
     structvae data folder  --src DIR --out FILE.h5 [--size 64] [--crop N] [--val-fraction 0.1] [--test-fraction 0.1]
 
 ``--size`` and ``--crop`` take ``N`` (N x N), ``HxW`` (e.g. ``218x178``) or ``none``; ``--crop 0`` is the largest
@@ -89,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--src", required=True, help="folder holding img_align_celeba/ and list_eval_partition.txt"
     )
-    p.add_argument("--out", default=None, help="output file (default: data/celeba/celeba<size>.h5)")
+    p.add_argument("--out", default=None, help="output file (default: data/celeba/celeba<size>[_gray].h5)")
     add_common(p, 148, "centre crop before resizing: N, HxW or none (default: %(default)s, the CelebA-64 protocol)")
+    p.add_argument("--grayscale", action="store_true",
+                   help="store 1 channel (luma, PIL mode L) instead of RGB: SOS-VAE Table 1's 64x64 gray CelebA")
 
     p = sub.add_parser("folder", help="any image folder (recursive) -> HDF5 with random splits")
     p.add_argument("--src", required=True, help="image folder (searched recursively)")
@@ -122,11 +125,10 @@ def _run(args: argparse.Namespace) -> None:
                 f"CIFAR-10 {'train' if train else 'test'}: {len(images)} images {tuple(images.shape[1:])} OK"
             )
     elif args.command == "celeba":
-        from structvae.data.convert import convert_celeba
+        from structvae.data.celeba_convert import convert_celeba
 
-        convert_celeba(
-            args.src, args.out, size=args.size, crop=args.crop, overwrite=args.overwrite, workers=args.workers
-        )
+        convert_celeba(args.src, args.out, size=args.size, crop=args.crop, overwrite=args.overwrite,
+                       workers=args.workers, grayscale=args.grayscale)
     elif args.command == "folder":
         from structvae.data.convert import convert_folder
 

@@ -150,6 +150,7 @@ class HDF5ImageDataModule(ImageDataModule):
             otherwise images are read lazily, one h5py handle per DataLoader worker.
         image_size: the side (H = W) the experiment was designed for; a file of another size is refused
             instead of silently building the model for it (``None``: take whatever the file holds).
+        channels: likewise the number of channels (1 for grayscale experiments; ``None``: any).
         batch_size, num_workers, random_flip, seed: as for every structvae DataModule.
 
     ``image_shape`` is read from the file at ``__init__`` (opened read-only and closed again).
@@ -168,11 +169,13 @@ class HDF5ImageDataModule(ImageDataModule):
         num_workers: int = 0,
         random_flip: bool = False,
         seed: int | None = None,
+        channels: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, random_flip=random_flip, seed=seed)
         self.save_hyperparameters()
         self.path = path
         self.in_memory = in_memory
+        self.channels = channels
         if not Path(path).is_file():
             command = self.prepare_command()
             raise DataNotFoundError(
@@ -188,6 +191,13 @@ class HDF5ImageDataModule(ImageDataModule):
                 f"{path} holds {h}x{w} images but this experiment expects {image_size}x{image_size} "
                 f"(data.image_size); use a {image_size}x{image_size} file or pass --data.image_size={h} "
                 "(the model is then built for the file's size)"
+            )
+        if channels is not None and self._image_shape[0] != channels:
+            kind = {1: "grayscale", 3: "RGB"}
+            raise DataCorruptError(
+                f"{path} holds {self._image_shape[0]}-channel images but this experiment expects {channels} "
+                f"(data.channels); point data.path at a {kind.get(channels, f'{channels}-channel')} file "
+                f"({self.prepare_command()}) or pass --data.channels={self._image_shape[0]}"
             )
 
     def describe_source(self) -> str:
@@ -231,6 +241,7 @@ class CelebADataModule(HDF5ImageDataModule):
         num_workers: int = 0,
         random_flip: bool = True,
         seed: int | None = None,
+        channels: int | None = None,
     ) -> None:
         super().__init__(
             path=path,
@@ -240,11 +251,14 @@ class CelebADataModule(HDF5ImageDataModule):
             num_workers=num_workers,
             random_flip=random_flip,
             seed=seed,
+            channels=channels,
         )
 
     def prepare_command(self) -> str:
-        size = re.search(r"(\d+(?:x\d+)?)\.h5$", str(self.path))  # celeba32.h5 was made with --size 32
+        size = re.search(r"(\d+(?:x\d+)?)(?:_gray)?\.h5$", str(self.path))  # celeba32.h5: made with --size 32
         size_arg = f" --size {size.group(1)}" if size and size.group(1) != "64" else ""
         if str(self.path).endswith("native.h5"):
             size_arg = " --native"
+        if str(self.path).endswith("_gray.h5") or getattr(self, "channels", None) == 1:
+            size_arg += " --grayscale"
         return f"structvae data celeba --src <folder with img_align_celeba/> --out {shlex.quote(str(self.path))}{size_arg}"

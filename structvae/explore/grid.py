@@ -77,7 +77,7 @@ def require_low_rank(p: Distribution, operation: str, likelihood: nn.Module) -> 
     """``p`` itself when it has a low-rank covariance, else a ValueError naming the likelihoods that do."""
     if not isinstance(p, LowRankMultivariateNormal):
         raise ValueError(f"{operation} needs a likelihood with a low-rank covariance: {LOW_RANK_LIKELIHOODS}; "
-                         f"this model's {type(likelihood).__name__} is pixel-independent")
+                         f"this model's {type(likelihood).__name__} has no low-rank factor")
     return p
 
 

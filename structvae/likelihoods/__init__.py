@@ -4,5 +4,7 @@ from structvae.likelihoods.base import ObservationLikelihood
 from structvae.likelihoods.bernoulli import BernoulliLikelihood
 from structvae.likelihoods.gaussian import GaussianLikelihood
 from structvae.likelihoods.lowrank import LowRankGaussianLikelihood
+from structvae.likelihoods.sparse_precision import SparsePrecisionLikelihood
 
-__all__ = ["ObservationLikelihood", "BernoulliLikelihood", "GaussianLikelihood", "LowRankGaussianLikelihood"]
+__all__ = ["ObservationLikelihood", "BernoulliLikelihood", "GaussianLikelihood", "LowRankGaussianLikelihood",
+           "SparsePrecisionLikelihood"]

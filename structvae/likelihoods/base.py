@@ -33,6 +33,11 @@ class ObservationLikelihood(nn.Module, ABC):
         self._build(feature_channels, self.image_shape)
         return self
 
+    @property
+    def num_pixels(self) -> int:
+        """S = C·H·W, the values p(x|z) is over (once built)."""
+        return math.prod(self.image_shape)
+
     @abstractmethod
     def _build(self, feature_channels: int, image_shape: tuple[int, int, int]) -> None:
         """Create the head layers."""
@@ -62,7 +67,8 @@ class ObservationLikelihood(nn.Module, ABC):
         """ξ_H(v̄): the largest entropy (nats) this head's p(x|z) can have when its per-pixel variances
         average ``variance``; raises ``ValueError`` if the head cannot predict that variance."""
         raise ValueError(f"{type(self).__name__} has no entropy constraint by variance: use GaussianLikelihood "
-                         f"(learn_scale: true) or LowRankGaussianLikelihood, or drop the entropy constraint")
+                         f"(learn_scale: true), LowRankGaussianLikelihood or SparsePrecisionLikelihood, or drop the "
+                         f"entropy constraint")
 
     def variance_at_entropy(self, entropy: float) -> float:
         """The inverse of :meth:`entropy_at_variance`: the least mean per-pixel variance that an entropy

@@ -74,10 +74,6 @@ class LowRankGaussianLikelihood(ObservationLikelihood):
     def mean_parameters(self) -> Iterator[nn.Parameter]:
         return self.loc.parameters()
 
-    @property
-    def num_pixels(self) -> int:
-        return math.prod(self.image_shape)
-
     def entropy_at_variance(self, variance: float) -> float:
         """Eq. (2) of :mod:`structvae.distributions.gaussian_entropy` with D = εI: the variance spread equally over the
         R components; with a learned D, ½·S·log(2πe·v̄) (all of it on the diagonal)."""

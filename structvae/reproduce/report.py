@@ -103,6 +103,8 @@ def orderings(paper: str, summary: dict[str, dict]) -> list[tuple[str, str, str]
          verdict(_self(summary, "betavae"), True)),
         ("Gaussian VAE: samples worse than means", "(not in the paper)", verdict(_self(summary, "gauss"), True)),
         ("SOS: samples no worse than means", "104.62 vs 132.93 (74.66 vs 70.43)", verdict(_self(summary, "sos"), False)),
+        ("FD samples: SOS < Dorta et al.", "(74.66 vs 77.72)", verdict(diff("sos", "dorta", "fd_samples"), False)),
+        ("FD samples: Dorta et al. < β-VAE", "(77.72 vs 257.11)", verdict(diff("dorta", "betavae", "fd_samples"), False)),
         ("avg variance: no ξ_H ≫ with ξ_H", "11.76 vs 0.0322", verdict(diff("sos_noentropy", "sos", "variance_prior"), True)),
     ]
     return rows
@@ -242,7 +244,8 @@ def write_report(paper: str, experiments: list[Experiment], runs: list, meta: di
         paper_cells = []
         for key, _ in PAPER_COLUMNS[paper]:
             v, v64 = e.paper.get(key), e.paper.get(key + "_64gray")
-            paper_cells.append("—" if v is None else f"{v:g}" + (f" / {v64:g}" if v64 is not None else ""))
+            cell = "—" if v is None else f"{v:g}"
+            paper_cells.append(cell + (f" / {v64:g}" if v64 is not None else ""))
         ours = [fmt(*s.get(k, (math.nan, math.nan, 0)), d) for k, _, d, _ in COLUMNS[paper]]
         lines.append("| " + " | ".join([e.label, *paper_cells, *ours]) + " |")
     if paper == "sos-vae":

@@ -140,7 +140,7 @@ class StructVAE(LightningModule):
         q = self.encode(x)
         p = self.decode(q.rsample())
         return ELBOTerms(log_likelihood=p.log_prob(x.flatten(1)), kl=q.kl_to_standard_normal(), entropy=p.entropy(),
-                         pixel_variance=p.variance.detach().float().mean(-1))
+                         pixel_variance=self.likelihood.pixel_variance(p))
 
     def forward(self, x: Tensor) -> ELBOTerms:
         return self.elbo_terms(x)

@@ -243,6 +243,20 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
             self._variance = var.to(self.loc.dtype)
         return self._variance
 
+    def mean_variance(self, num_samples: int = 2) -> Tensor:
+        """tr(Λ⁻¹)/S, the mean per-value variance, [*batch_shape] (input dtype, no gradient): Hutchinson's
+        estimate E‖L⁻ᵀε‖²/S from ``num_samples`` Rademacher draws of a fixed seed (unbiased; the per-value terms average
+        over S, so two draws suffice for a diagnostic), or exactly from ``variance`` when that is cached or exact."""
+        if self._variance is not None or self.event_shape[0] <= EXACT_VARIANCE_MAX_PIXELS:
+            return self.variance.mean(-1)
+        with torch.no_grad():
+            gen = torch.Generator(device=self.loc.device).manual_seed(0)
+            # Rademacher probes: E[εεᵀ] = I as for Gaussian ones, but no variance from the diagonal of L⁻¹L⁻ᵀ
+            signs = torch.randint(0, 2, (num_samples,) + self.batch_shape + self.event_shape, generator=gen,
+                                  device=self.loc.device)
+            eps = (2 * signs - 1).to(self._compute_dtype)
+            return self._solve(eps, transposed=True).square().mean((0, -1)).to(self.loc.dtype)
+
     @property
     def stddev(self) -> Tensor:
         """√variance, [*batch_shape, S]."""

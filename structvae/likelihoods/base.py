@@ -79,6 +79,11 @@ class ObservationLikelihood(nn.Module, ABC):
         """The smallest entropy (nats) the head can reach; an entropy target must lie above it."""
         return -math.inf
 
+    def pixel_variance(self, p: ObservationDistribution) -> Tensor:
+        """Mean per-pixel variance of each item, ``[B]`` (no gradient): the training step's diagnostic, so a
+        head whose exact marginal variances are costly overrides it with a cheap estimate."""
+        return p.variance.detach().float().mean(-1)
+
     def diagnostics(self, p: ObservationDistribution) -> dict[str, Tensor]:
         """Scalars that show the state of p(x|z) at a glance (logged once per validation epoch):
         here the mean per-pixel variance; structured heads add their covariance's spectrum."""

@@ -90,6 +90,11 @@ class SparsePrecisionLikelihood(ObservationLikelihood):
         """½·S·log(2πe·min_scale²): every Lᵢᵢ at its ceiling 1/min_scale (H = ½S log 2πe − Σ log Lᵢᵢ)."""
         return isotropic_entropy_at_variance(self.num_pixels, self.min_scale**2)
 
+    def pixel_variance(self, p: SparsePrecisionNormal) -> Tensor:
+        """tr(Λ⁻¹)/S per item, ``[B]``, from two probe draws (:meth:`SparsePrecisionNormal.mean_variance`):
+        the Monte-Carlo marginals behind ``p.variance`` cost 64 solves, too many for every training step."""
+        return p.mean_variance(num_samples=2).float()
+
     def diagnostics(self, p: SparsePrecisionNormal) -> dict[str, Tensor]:
         """Mean per-pixel variance, mean conditional variance 1/Lⱼⱼ² (the variance of a value given every value
         after it in raster order: (Lᵀr)ⱼ = Lⱼⱼrⱼ + Σᵢ₍ᵢ>ⱼ₎ Lᵢⱼrᵢ) and the mean relative off-diagonal |Lᵢⱼ|/Lⱼⱼ."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -128,7 +129,6 @@ class StructVAECLI(LightningCLI):
 def _check_writable(trainer) -> None:
     """Fail before training when an output folder cannot be written (read-only, permissions), naming it."""
     import tempfile
-    from pathlib import Path
 
     folders = [trainer.default_root_dir] + [cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath]
     for folder in dict.fromkeys(str(f) for f in folders if f and "://" not in str(f)):
@@ -190,6 +190,32 @@ def config_selects_model_class(argv: list[str]) -> bool:
         if isinstance(model, dict) and "class_path" in model:
             return True
     return False
+
+
+def resolved_config(path: str | Path, *overrides: str) -> dict:
+    """The complete ``fit`` config of the experiment file ``path`` (plus ``overrides``, e.g. ``--data.batch_size=8``)
+    with every part it includes (``data: ../data/mnist.yaml``, ``model.encoder: …``) read in and every default
+    filled: what ``structvae fit -c PATH --print_config`` prints, as a dict that ``fit -c`` accepts back.
+
+    Code that edits an experiment (``structvae reproduce``) starts from this, never from the file's own YAML,
+    which may hold only paths to its parts. Raises ``SystemExit`` (message on stderr) for a config the CLI
+    would refuse."""
+    import contextlib
+    import io
+    import warnings
+
+    import yaml
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        # LightningCLI warns when args are given while sys.argv holds a command line (``structvae reproduce …``)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        try:
+            build_cli(["fit", "-c", str(path), *overrides, "--print_config"])
+        except SystemExit as done:  # --print_config exits 0 once printed
+            if done.code:
+                raise
+    return yaml.safe_load(printed.getvalue())
 
 
 def build_cli(argv: list[str], run: bool = True) -> StructVAECLI:

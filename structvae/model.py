@@ -38,7 +38,6 @@ from contextlib import contextmanager
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributions import Distribution
@@ -58,6 +57,11 @@ class NonFiniteLossError(RuntimeError):
 # Device-side record of the first non-finite step: these terms (then the gradients), "none yet" = _NO_BAD_STEP.
 _CHECKED_TERMS = ("log_likelihood", "kl", "entropy", "loss", "gradients")
 _NO_BAD_STEP = 2**62
+# Constructor arguments that are objects (parts built from a config, or passed in by hand).
+INJECTED_PARTS = ("posterior", "likelihood", "objective", "encoder", "decoder", "optimizer")
+# The entry Lightning adds to the hyper-parameters of a module that LightningCLI (``instantiate_module``)
+# built from its config; structvae.evaluate reads checkpoints by it too.
+CONFIG_MARKER = "_instantiator"
 
 
 class StructVAE(LightningModule):
@@ -95,12 +99,14 @@ class StructVAE(LightningModule):
         channels_last: bool | None = None,
     ) -> None:
         super().__init__()
-        # Under LightningCLI the hyper-parameters are the parsed class_path/init_args config, so
-        # ``StructVAE.load_from_checkpoint`` rebuilds every injected part; built directly, the
-        # injected objects are not pickled into the checkpoint (their weights are in the state_dict).
-        cli_config = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if cli_config else [
-            "posterior", "likelihood", "objective", "encoder", "decoder", "optimizer"])
+        # Built directly, the injected objects are not pickled into the checkpoint (their weights are in the
+        # state_dict). Built by LightningCLI (or by ``load_from_checkpoint`` from a CLI checkpoint), the
+        # hyper-parameters are the parsed class_path/init_args config, which Lightning marks with an
+        # ``_instantiator`` entry: that plain data rebuilds every injected part, so it is kept whole.
+        # tests/test_model.py pins this Lightning behaviour.
+        self.save_hyperparameters(ignore=list(INJECTED_PARTS))
+        if CONFIG_MARKER in self.hparams:
+            self.save_hyperparameters()
         self.image_shape = tuple(image_shape)
         self.posterior = posterior
         self.encoder = (encoder or ConvEncoder()).build(self.image_shape, posterior.num_outputs)

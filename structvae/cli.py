@@ -88,13 +88,16 @@ class StructVAECLI(LightningCLI):
             check(stage)
 
     def before_fit(self) -> None:
+        """Before training: the data files exist and the output folders are writable."""
         self._check_data("fit")
         _check_writable(self.trainer)
 
     def before_validate(self) -> None:
+        """Before validating: the data files ``validate`` reads exist."""
         self._check_data("validate")
 
     def before_test(self) -> None:
+        """Before testing: the data files ``test`` reads exist."""
         self._check_data("test")
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -102,6 +105,7 @@ class StructVAECLI(LightningCLI):
             trainer.precision = fast_precision(trainer.precision, trainer.accelerator)
 
     def after_fit(self) -> None:
+        """Print where the run folder, checkpoints, last image grid and W&B run are (rank 0)."""
         from structvae.callbacks import ImageGridLogger, run_dir
         from structvae.loggers import AutoWandbLogger
 
@@ -257,6 +261,9 @@ def _lightning_cli(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``structvae …`` entry point: the ``data``/``fid``/``reproduce``/``explore``/``sweep`` verbs, else
+    LightningCLI (``fit``/``validate``/``test``); returns the exit code.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         from structvae.data.cli import main as data_main

@@ -136,13 +136,20 @@ class StructVAE(LightningModule):
         return self.likelihood(self.decoder(z))
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) under the posterior family's prior: ``z`` of shape ``[B, *latent_shape]`` → ``[B]``."""
         return self.posterior.prior_log_prob(z)
 
     @property
     def likelihood_is_discrete(self) -> bool:
+        """Whether p(x|z) is a probability mass (Bernoulli) rather than a density: decides dequantisation
+        and the bits/dim convention of the NLL.
+        """
         return self.likelihood.is_discrete
 
     def elbo_terms(self, x: Tensor) -> ELBOTerms:
+        """The per-image terms of the objective for images ``x [B, C, H, W]``, one reparameterised z each:
+        log p(x|z), KL(q(z|x) ‖ p(z)), the entropy of p(x|z) and its mean per-pixel variance, all ``[B]``.
+        """
         q = self.encode(x)
         p = self.decode(q.rsample())
         return ELBOTerms(log_likelihood=p.log_prob(x.flatten(1)), kl=q.kl_to_standard_normal(), entropy=p.entropy(),

@@ -75,10 +75,12 @@ class ResumableDataLoader(DataLoader):
     """
 
     def state_dict(self) -> dict[str, int]:
+        """``{"seed", "num_items"}``: what the training order depends on (the position is Lightning's)."""
         sampler = self.sampler
         return {"seed": int(getattr(sampler, "seed", -1)), "num_items": len(self.dataset)}  # type: ignore[arg-type]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Warn when resuming with another seed or data set than the checkpoint's (the order cannot match)."""
         if state != self.state_dict():
             rank_zero_warn(f"resuming with training data {self.state_dict()} but the checkpoint was trained on "
                            f"{state}: the data order differs from the interrupted run's")
@@ -206,6 +208,7 @@ class ImageDataModule(LightningDataModule):
 
     @property
     def shuffle_seed(self) -> int:
+        """Seed of the training order: ``seed``, else Lightning's global seed (``PL_GLOBAL_SEED``), else 0."""
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def flip_batch(self, batch: Tensor, step: int, rank: int = 0) -> Tensor:

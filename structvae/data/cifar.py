@@ -20,6 +20,7 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 
 
 def cifar10_prepare_command(root: str | Path) -> str:
+    """The shell command that prepares CIFAR-10 in ``root`` (quoted for error messages)."""
     return f"structvae data cifar10 --root {shlex.quote(str(root))}"
 
 

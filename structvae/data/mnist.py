@@ -85,6 +85,7 @@ def find_mnist_file(root: str | Path, name: str) -> Path | None:
 
 
 def mnist_prepare_command(root: str | Path) -> str:
+    """The shell command that prepares MNIST in ``root`` (quoted for error messages)."""
     return f"structvae data mnist --root {shlex.quote(str(root))}"
 
 

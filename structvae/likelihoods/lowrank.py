@@ -76,6 +76,7 @@ class LowRankGaussianLikelihood(ObservationLikelihood):
 
     @property
     def num_pixels(self) -> int:
+        """S = C·H·W, the event size of p(x|z)."""
         return math.prod(self.image_shape)
 
     def entropy_at_variance(self, variance: float) -> float:

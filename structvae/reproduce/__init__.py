@@ -166,6 +166,7 @@ def reproduce(paper: str, b: Budget, data_root: Path, work: Path, reports: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``structvae reproduce PAPER``: train, measure and report; returns the exit code (2: bad arguments)."""
     parser = argparse.ArgumentParser(prog="structvae reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("paper", choices=PAPERS)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",

@@ -61,6 +61,9 @@ def measure(model, datamodule, spec: dict) -> dict:
 
 
 def run(run_dir: Path) -> dict:
+    """Train and measure the run described by ``run_dir/spec.json`` (once: a finished run's
+    ``result.json`` is returned as it is); returns the result dict.
+    """
     spec = json.loads((run_dir / "spec.json").read_text())
     result_path = run_dir / "result.json"
     if result_path.exists():

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from structvae.distributions.base import StructuredCovariance
 from structvae.explore.draw import render
 from structvae.explore.grid import ImageGrid
 
@@ -83,7 +84,7 @@ class ImageGridLogger(Callback):
         var = p.variance.view(n, *shape)
         c, h, w = shape
         centre = [ch * h * w + (h // 2) * w + (w // 2) for ch in range(c)]
-        if hasattr(p, "covariance_row"):
+        if isinstance(p, StructuredCovariance):
             cov = sum(p.covariance_row(i) for i in centre).view(n, *shape)
         else:  # pixel-independent: the central pixel covaries only with itself
             cov = torch.zeros_like(var).flatten(1)

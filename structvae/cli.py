@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -87,13 +88,16 @@ class StructVAECLI(LightningCLI):
             check(stage)
 
     def before_fit(self) -> None:
+        """Before training: the data files exist and the output folders are writable."""
         self._check_data("fit")
         _check_writable(self.trainer)
 
     def before_validate(self) -> None:
+        """Before validating: the data files ``validate`` reads exist."""
         self._check_data("validate")
 
     def before_test(self) -> None:
+        """Before testing: the data files ``test`` reads exist."""
         self._check_data("test")
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit":
@@ -101,6 +105,7 @@ class StructVAECLI(LightningCLI):
             trainer.precision = fast_precision(trainer.precision, trainer.accelerator)
 
     def after_fit(self) -> None:
+        """Print where the run folder, checkpoints, last image grid and W&B run are (rank 0)."""
         from structvae.callbacks import ImageGridLogger, run_dir
         from structvae.loggers import AutoWandbLogger
 
@@ -128,7 +133,6 @@ class StructVAECLI(LightningCLI):
 def _check_writable(trainer) -> None:
     """Fail before training when an output folder cannot be written (read-only, permissions), naming it."""
     import tempfile
-    from pathlib import Path
 
     folders = [trainer.default_root_dir] + [cb.dirpath for cb in trainer.checkpoint_callbacks if cb.dirpath]
     for folder in dict.fromkeys(str(f) for f in folders if f and "://" not in str(f)):
@@ -192,6 +196,32 @@ def config_selects_model_class(argv: list[str]) -> bool:
     return False
 
 
+def resolved_config(path: str | Path, *overrides: str) -> dict:
+    """The complete ``fit`` config of the experiment file ``path`` (plus ``overrides``, e.g. ``--data.batch_size=8``)
+    with every part it includes (``data: ../data/mnist.yaml``, ``model.encoder: …``) read in and every default
+    filled: what ``structvae fit -c PATH --print_config`` prints, as a dict that ``fit -c`` accepts back.
+
+    Code that edits an experiment (``structvae reproduce``) starts from this, never from the file's own YAML,
+    which may hold only paths to its parts. Raises ``SystemExit`` (message on stderr) for a config the CLI
+    would refuse."""
+    import contextlib
+    import io
+    import warnings
+
+    import yaml
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        # LightningCLI warns when args are given while sys.argv holds a command line (``structvae reproduce …``)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        try:
+            build_cli(["fit", "-c", str(path), *overrides, "--print_config"])
+        except SystemExit as done:  # --print_config exits 0 once printed
+            if done.code:
+                raise
+    return yaml.safe_load(printed.getvalue())
+
+
 def build_cli(argv: list[str], run: bool = True) -> StructVAECLI:
     """The LightningCLI for ``argv`` (``run=False``: parse and instantiate, but do not run)."""
     if config_selects_model_class(argv):
@@ -231,6 +261,9 @@ def _lightning_cli(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``structvae …`` entry point: the ``data``/``fid``/``reproduce``/``explore``/``sweep`` verbs, else
+    LightningCLI (``fit``/``validate``/``test``); returns the exit code.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         from structvae.data.cli import main as data_main

@@ -47,6 +47,7 @@ class EvaluationReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
+        """The report as a Markdown table, one row per metric (``—`` where not computed)."""
         def fmt(v: float | None, digits: int = 3) -> str:
             return "—" if v is None else f"{v:.{digits}f}"
 
@@ -231,6 +232,9 @@ def _at_least(minimum: int, why: str = ""):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``structvae fid --ckpt …``: evaluate a checkpoint, print the table, write ``<ckpt>.eval.json``;
+    returns the exit code.
+    """
     parser = argparse.ArgumentParser(prog="structvae fid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `structvae fit`")
     parser.add_argument("--num-samples", type=_at_least(2, " (FID needs a covariance)"), default=50_000,

@@ -38,7 +38,6 @@ from contextlib import contextmanager
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributions import Distribution
@@ -58,6 +57,11 @@ class NonFiniteLossError(RuntimeError):
 # Device-side record of the first non-finite step: these terms (then the gradients), "none yet" = _NO_BAD_STEP.
 _CHECKED_TERMS = ("log_likelihood", "kl", "entropy", "loss", "gradients")
 _NO_BAD_STEP = 2**62
+# Constructor arguments that are objects (parts built from a config, or passed in by hand).
+INJECTED_PARTS = ("posterior", "likelihood", "objective", "encoder", "decoder", "optimizer")
+# The entry Lightning adds to the hyper-parameters of a module that LightningCLI (``instantiate_module``)
+# built from its config; structvae.evaluate reads checkpoints by it too.
+CONFIG_MARKER = "_instantiator"
 
 
 class StructVAE(LightningModule):
@@ -95,12 +99,14 @@ class StructVAE(LightningModule):
         channels_last: bool | None = None,
     ) -> None:
         super().__init__()
-        # Under LightningCLI the hyper-parameters are the parsed class_path/init_args config, so
-        # ``StructVAE.load_from_checkpoint`` rebuilds every injected part; built directly, the
-        # injected objects are not pickled into the checkpoint (their weights are in the state_dict).
-        cli_config = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if cli_config else [
-            "posterior", "likelihood", "objective", "encoder", "decoder", "optimizer"])
+        # Built directly, the injected objects are not pickled into the checkpoint (their weights are in the
+        # state_dict). Built by LightningCLI (or by ``load_from_checkpoint`` from a CLI checkpoint), the
+        # hyper-parameters are the parsed class_path/init_args config, which Lightning marks with an
+        # ``_instantiator`` entry: that plain data rebuilds every injected part, so it is kept whole.
+        # tests/test_model.py pins this Lightning behaviour.
+        self.save_hyperparameters(ignore=list(INJECTED_PARTS))
+        if CONFIG_MARKER in self.hparams:
+            self.save_hyperparameters()
         self.image_shape = tuple(image_shape)
         self.posterior = posterior
         self.encoder = (encoder or ConvEncoder()).build(self.image_shape, posterior.num_outputs)
@@ -130,13 +136,20 @@ class StructVAE(LightningModule):
         return self.likelihood(self.decoder(z))
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) under the posterior family's prior: ``z`` of shape ``[B, *latent_shape]`` → ``[B]``."""
         return self.posterior.prior_log_prob(z)
 
     @property
     def likelihood_is_discrete(self) -> bool:
+        """Whether p(x|z) is a probability mass (Bernoulli) rather than a density: decides dequantisation
+        and the bits/dim convention of the NLL.
+        """
         return self.likelihood.is_discrete
 
     def elbo_terms(self, x: Tensor) -> ELBOTerms:
+        """The per-image terms of the objective for images ``x [B, C, H, W]``, one reparameterised z each:
+        log p(x|z), KL(q(z|x) ‖ p(z)), the entropy of p(x|z) and its mean per-pixel variance, all ``[B]``.
+        """
         q = self.encode(x)
         p = self.decode(q.rsample())
         return ELBOTerms(log_likelihood=p.log_prob(x.flatten(1)), kl=q.kl_to_standard_normal(), entropy=p.entropy(),

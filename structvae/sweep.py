@@ -26,10 +26,12 @@ class SweepRun:
     parameters: dict[str, object]
 
     def cli_args(self) -> list[str]:
+        """This run's parameters as CLI overrides (``--key=value``)."""
         return [f"--{key}={value}" for key, value in self.parameters.items()]
 
 
 def load_sweep(path: str | Path) -> dict:
+    """The sweep file as a dict; ``FileNotFoundError`` naming the shipped sweeps when it is missing."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} does not exist (see configs/sweep/ for the shipped sweeps)")
@@ -81,6 +83,9 @@ def expand_sweep(config: dict, max_runs: int = 20) -> list[SweepRun]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``structvae sweep SWEEP.yaml [--dry-run]``: run (or only expand and parse) a W&B sweep; returns
+    the exit code.
+    """
     parser = argparse.ArgumentParser(prog="structvae sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file")
     parser.add_argument("--project", default="structvae")

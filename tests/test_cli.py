@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, SHARED_MNIST
 from lightning.pytorch import Callback
 
-from structvae.cli import build_cli, main
+from structvae.cli import build_cli, main, resolved_config
 
 EXPERIMENTS = sorted((REPO / "configs" / "experiment").glob("*.yaml"))
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -42,7 +42,8 @@ def experiment_image_shape(path: Path) -> tuple[int, int, int]:
 def narrow_residual_networks(path: Path) -> list[str]:
     """SOS-VAE's residual networks (21–31M parameters) take minutes per step on a shared CPU: the smoke test
     keeps their structure (four widths, so the same 28×23 lift at 218×178) at narrow widths (test_data_native trains the full model at 218×178)."""
-    if "ResidualEncoder" not in path.read_text():
+    encoder = resolved_config(path)["model"].get("encoder") or {}
+    if encoder.get("class_path") != "structvae.networks.ResidualEncoder":
         return []
     return ["--model.encoder.init_args.widths=[4,4,4,8]", "--model.decoder.init_args.widths=[4,4,4,8]"]
 

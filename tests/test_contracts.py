@@ -128,9 +128,9 @@ def test_a_new_likelihood_is_one_file_and_one_yaml(in_tmp, monkeypatch) -> None:
     module = in_tmp / "laplace_likelihood.py"
     module.write_text(_readme_block("python", "# laplace_likelihood.py"))
     config = in_tmp / "laplace.yaml"
-    config.write_text(_readme_block("yaml", "# laplace.yaml"))
+    config.write_text(_readme_block("yaml", "# configs/model/likelihood/laplace.yaml"))
     monkeypatch.syspath_prepend(str(in_tmp))
-    cli = build_cli(["fit", "-c", str(REPO / "configs/experiment/digits.yaml"), "-c", str(config),
+    cli = build_cli(["fit", "-c", str(REPO / "configs/experiment/digits.yaml"), f"--model.likelihood={config}",
                      "--trainer.fast_dev_run=true", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                      "--trainer.enable_model_summary=false"])
     assert type(cli.model.likelihood).__name__ == "LaplaceLikelihood" and cli.trainer.state.finished

@@ -191,3 +191,29 @@ def test_bf16_autocast_matches_fp32(make_likelihood):
         assert torch.isfinite(a).all()
         assert torch.allclose(a, b, rtol=1e-2, atol=1e-2 * b.abs().mean().item())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_hyperparameters_are_the_cli_config_or_only_the_plain_arguments(in_tmp):
+    """Pins the Lightning behaviour ``StructVAE.__init__`` relies on (instead of Lightning's private context
+    variable): a module LightningCLI builds gets the parsed config as hyper-parameters, marked by
+    ``_instantiator``, and Lightning rebuilds the whole model from that config alone."""
+    from structvae.cli import build_cli
+    from structvae.model import CONFIG_MARKER, INJECTED_PARTS
+
+    direct = StructVAE(posterior=VectorGaussianPosterior(latent_dim=4), likelihood=BernoulliLikelihood(),
+                       image_shape=(1, 16, 16))
+    assert CONFIG_MARKER not in direct.hparams and set(INJECTED_PARTS).isdisjoint(direct.hparams)
+    assert direct.hparams["image_shape"] == (1, 16, 16)
+
+    cli = build_cli(["-c", "configs/experiment/digits.yaml", "--trainer.logger=false"], run=False)
+    model = cli.model
+    assert CONFIG_MARKER in model.hparams, (
+        f"Lightning no longer adds {CONFIG_MARKER!r} to the hyper-parameters of a LightningCLI-built module: "
+        "StructVAE.__init__ (save_hyperparameters) cannot tell a config-built model from a hand-built one any more")
+    assert model.hparams["posterior"]["class_path"] == "structvae.latent.LowRankMatrixNormalPosterior"
+    assert model.hparams["encoder"]["init_args"]["channels"] == [32, 64]
+    cli.trainer.strategy.connect(model)
+    cli.trainer.save_checkpoint(in_tmp / "built.ckpt")
+    rebuilt = StructVAE.load_from_checkpoint(in_tmp / "built.ckpt")  # from the config alone
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from structvae.data.errors import DataCorruptError
+from structvae.data.errors import DataCorruptError, DataNotFoundError
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -74,10 +75,12 @@ class ResumableDataLoader(DataLoader):
     """
 
     def state_dict(self) -> dict[str, int]:
+        """``{"seed", "num_items"}``: what the training order depends on (the position is Lightning's)."""
         sampler = self.sampler
         return {"seed": int(getattr(sampler, "seed", -1)), "num_items": len(self.dataset)}  # type: ignore[arg-type]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Warn when resuming with another seed or data set than the checkpoint's (the order cannot match)."""
         if state != self.state_dict():
             rank_zero_warn(f"resuming with training data {self.state_dict()} but the checkpoint was trained on "
                            f"{state}: the data order differs from the interrupted run's")
@@ -205,6 +208,7 @@ class ImageDataModule(LightningDataModule):
 
     @property
     def shuffle_seed(self) -> int:
+        """Seed of the training order: ``seed``, else Lightning's global seed (``PL_GLOBAL_SEED``), else 0."""
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def flip_batch(self, batch: Tensor, step: int, rank: int = 0) -> Tensor:
@@ -272,3 +276,65 @@ class ImageDataModule(LightningDataModule):
     @staticmethod
     def _wants(stage: str | None, *stages: str) -> bool:
         return stage is None or stage in stages
+
+
+class FolderDataModule(ImageDataModule, ABC):
+    """Base of the data sets kept in a folder ``root`` that torchvision can fetch (MNIST, CIFAR-10): the
+    ``download`` switch, the "is it there?" check before training, and the standard split — a fixed-seed
+    validation part (``val_size``) held out of the official training images, the official test images as test.
+
+    Each subclass keeps its own explicit ``__init__`` signature (LightningCLI builds its options from it) and
+    passes ``root``, ``download`` and ``val_size`` here; it implements :meth:`fetch`, :meth:`missing` and
+    :meth:`load` for its files. Parts are ``"train"`` (the official training file(s)) and ``"test"``.
+    """
+
+    def __init__(
+        self, root: str, download: bool, val_size: int | float, batch_size: int, num_workers: int,
+        random_flip: bool, seed: int | None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, random_flip=random_flip, seed=seed)
+        self.root = root
+        self.download = download
+        self.val_size = val_size
+
+    @abstractmethod
+    def fetch(self) -> None:
+        """Download (and verify) the data set into ``root``; raise :class:`DataNotFoundError` on failure."""
+
+    @abstractmethod
+    def missing(self, part: str) -> DataNotFoundError | None:
+        """The error to raise when ``part``'s files are absent from ``root`` (cheap: no reading), else ``None``."""
+
+    @abstractmethod
+    def load(self, part: str) -> Tensor:
+        """All images of ``part`` as ``uint8 [N, C, H, W]``."""
+
+    def part_for(self, stage: str) -> str:
+        """The part whose files ``stage`` reads: ``"test"`` for test/predict, else ``"train"``."""
+        return "test" if stage in ("test", "predict") else "train"
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self.fetch()
+
+    def check_available(self, stage: str) -> None:
+        error = None if self.download else self.missing(self.part_for(stage))
+        if error is not None:
+            raise error
+
+    def images(self, part: str) -> Tensor:
+        """``uint8 [N, C, H, W]`` of ``part``, fetched first when ``download`` and absent (standalone use: no
+        Trainer called :meth:`prepare_data`)."""
+        if self.download and self.missing(part) is not None:
+            self.fetch()
+        return self.load(part)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._wants(stage, "fit", "validate") and self.val_set is None:
+            images = self.images("train")
+            n = len(images)
+            val_idx, train_idx = split_indices(n, [resolve_count(self.val_size, n, "val_size")])
+            self.train_set = ImageTensorDataset(images, train_idx)
+            self.val_set = ImageTensorDataset(images, val_idx)
+        if self._wants(stage, "test", "predict") and self.test_set is None:
+            self.test_set = ImageTensorDataset(self.images("test"))

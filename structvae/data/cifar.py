@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from structvae.data.base import ImageDataModule, ImageTensorDataset, resolve_count, split_indices
+from structvae.data.base import FolderDataModule
 from structvae.data.errors import DataCorruptError, DataNotFoundError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -20,6 +20,7 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 
 
 def cifar10_prepare_command(root: str | Path) -> str:
+    """The shell command that prepares CIFAR-10 in ``root`` (quoted for error messages)."""
     return f"structvae data cifar10 --root {shlex.quote(str(root))}"
 
 
@@ -81,7 +82,7 @@ def load_cifar10_images(root: str | Path, train: bool) -> torch.Tensor:
     return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
 
 
-class CIFAR10DataModule(ImageDataModule):
+class CIFAR10DataModule(FolderDataModule):
     """CIFAR-10 images ``(3, 32, 32)``: train 45k / val 5k / test 10k; random flips in training by default.
 
     Args:
@@ -101,33 +102,16 @@ class CIFAR10DataModule(ImageDataModule):
         random_flip: bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, random_flip=random_flip, seed=seed)
+        super().__init__(root=root, download=download, val_size=val_size, batch_size=batch_size,
+                         num_workers=num_workers, random_flip=random_flip, seed=seed)
         self.save_hyperparameters()
-        self.root = root
-        self.download = download
-        self.val_size = val_size
         self._image_shape = (3, 32, 32)
 
-    def prepare_data(self) -> None:
-        if self.download:
-            download_cifar10(self.root)
+    def fetch(self) -> None:
+        download_cifar10(self.root)
 
-    def check_available(self, stage: str) -> None:
-        folder = Path(self.root) / CIFAR10_FOLDER
-        if not self.download and not folder.is_dir():
-            raise _not_found(self.root)
+    def missing(self, part: str) -> DataNotFoundError | None:
+        return None if (Path(self.root) / CIFAR10_FOLDER).is_dir() else _not_found(self.root)
 
-    def _images(self, train: bool) -> torch.Tensor:
-        if self.download and not (Path(self.root) / CIFAR10_FOLDER).is_dir():
-            download_cifar10(self.root)  # standalone use (no Trainer calling prepare_data first)
-        return load_cifar10_images(self.root, train)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self._wants(stage, "fit", "validate") and self.val_set is None:
-            images = self._images(train=True)
-            n = len(images)
-            val_idx, train_idx = split_indices(n, [resolve_count(self.val_size, n, "val_size")])
-            self.train_set = ImageTensorDataset(images, train_idx)
-            self.val_set = ImageTensorDataset(images, val_idx)
-        if self._wants(stage, "test", "predict") and self.test_set is None:
-            self.test_set = ImageTensorDataset(self._images(train=False))
+    def load(self, part: str) -> torch.Tensor:
+        return load_cifar10_images(self.root, train=part == "train")

@@ -63,6 +63,7 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``structvae data`` parser: one sub-command per data set (mnist, cifar10, celeba, folder)."""
     parser = argparse.ArgumentParser(prog="structvae data", description="Prepare structvae data sets.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{mnist,cifar10,celeba,folder}")
 

@@ -126,6 +126,7 @@ class HDF5ImageDataset(Dataset[Tensor]):
         return to_float_image(torch.from_numpy(self._dataset()[i]), self.transform)
 
     def close(self) -> None:
+        """Close this process's handle on the file (a handle opened by another process is only dropped)."""
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
         self._file, self._images, self._pid = None, None, None

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from structvae.data.base import ImageDataModule, ImageTensorDataset, resolve_count, split_indices
+from structvae.data.base import FolderDataModule, ImageTensorDataset, resolve_count, split_indices
 from structvae.data.errors import DataCorruptError, DataNotFoundError
 
 MNIST_FILES = {
@@ -85,6 +85,7 @@ def find_mnist_file(root: str | Path, name: str) -> Path | None:
 
 
 def mnist_prepare_command(root: str | Path) -> str:
+    """The shell command that prepares MNIST in ``root`` (quoted for error messages)."""
     return f"structvae data mnist --root {shlex.quote(str(root))}"
 
 
@@ -143,7 +144,7 @@ def download_mnist(root: str | Path) -> None:
 MNISTSplit = Literal["standard", "test_file", "auto"]
 
 
-class MNISTDataModule(ImageDataModule):
+class MNISTDataModule(FolderDataModule):
     """MNIST: train 50k / validation 10k (fixed-seed split of the official 60k) / official test 10k.
 
     ``split="test_file"`` instead cuts the official 10k test file alone into train / validation / test
@@ -176,32 +177,29 @@ class MNISTDataModule(ImageDataModule):
         split: MNISTSplit = "standard",
         test_file_sizes: tuple[int, int] = (1_000, 1_000),
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, random_flip=random_flip, seed=seed)
+        super().__init__(root=root, download=download, val_size=val_size, batch_size=batch_size,
+                         num_workers=num_workers, random_flip=random_flip, seed=seed)
         self.save_hyperparameters()
-        self.root = root
-        self.download = download
-        self.val_size = val_size
         if split not in ("standard", "test_file", "auto"):
             raise ValueError(f"split must be 'standard', 'test_file' or 'auto', got {split!r}")
         self.split = split
         self.test_file_sizes = (int(test_file_sizes[0]), int(test_file_sizes[1]))
         self._image_shape = (1, 28, 28)
 
-    def prepare_data(self) -> None:
-        if self.download:
-            download_mnist(self.root)
+    def fetch(self) -> None:
+        download_mnist(self.root)
 
-    def check_available(self, stage: str) -> None:
-        split = "test" if stage in ("test", "predict") or self.resolved_split == "test_file" else "train"
-        if not self.download and find_mnist_file(self.root, MNIST_FILES[split]) is None:
-            raise DataNotFoundError(
-                _missing_message(self.root, split), path=str(self.root), command=mnist_prepare_command(self.root)
-            )
+    def missing(self, part: str) -> DataNotFoundError | None:
+        if find_mnist_file(self.root, MNIST_FILES[part]) is not None:
+            return None
+        return DataNotFoundError(_missing_message(self.root, part), path=str(self.root),
+                                 command=mnist_prepare_command(self.root))
 
-    def _images(self, split: str) -> torch.Tensor:
-        if self.download and find_mnist_file(self.root, MNIST_FILES[split]) is None:
-            download_mnist(self.root)  # standalone use (no Trainer calling prepare_data first)
-        return torch.from_numpy(load_mnist_images(self.root, split)).unsqueeze(1)  # uint8 [N, 1, 28, 28]
+    def load(self, part: str) -> torch.Tensor:
+        return torch.from_numpy(load_mnist_images(self.root, part)).unsqueeze(1)  # uint8 [N, 1, 28, 28]
+
+    def part_for(self, stage: str) -> str:
+        return "test" if self.resolved_split == "test_file" else super().part_for(stage)
 
     @property
     def resolved_split(self) -> str:
@@ -218,20 +216,13 @@ class MNISTDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.resolved_split == "test_file":
             self._setup_from_test_file(stage)
-            return
-        if self._wants(stage, "fit", "validate") and self.val_set is None:
-            images = self._images("train")
-            n = len(images)
-            val_idx, train_idx = split_indices(n, [resolve_count(self.val_size, n, "val_size")])
-            self.train_set = ImageTensorDataset(images, train_idx)
-            self.val_set = ImageTensorDataset(images, val_idx)
-        if self._wants(stage, "test", "predict") and self.test_set is None:
-            self.test_set = ImageTensorDataset(self._images("test"))
+        else:
+            super().setup(stage)
 
     def _setup_from_test_file(self, stage: str | None) -> None:
         if self.train_set is not None and self.test_set is not None:
             return
-        images = self._images("test")
+        images = self.images("test")
         val_idx, test_idx, train_idx = self._test_file_parts(len(images))
         self.train_set = ImageTensorDataset(images, train_idx)
         self.val_set = ImageTensorDataset(images, val_idx)
@@ -247,7 +238,7 @@ class MNISTDataModule(ImageDataModule):
         """
         test_file = self.resolved_split == "test_file"
         source = "test" if test_file or part == "test" else "train"
-        images = self._images(source)
+        images = self.images(source)
         label_path = find_mnist_file(self.root, MNIST_FILES[f"{source}_labels"])
         if label_path is None:
             raise DataNotFoundError(

@@ -136,6 +136,7 @@ def _log_to_wandb(ckpt: Path, paths: dict[str, Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``structvae explore --ckpt …``: draw the chosen figures of a trained model; returns the exit code."""
     parser = _OneLineParser(prog="structvae explore", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `structvae fit`")
     parser.add_argument("--out", default=None, help="output folder (default: <run folder>/explore/<checkpoint>)")

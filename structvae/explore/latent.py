@@ -109,6 +109,7 @@ class LatentSelection:
 
     @property
     def label(self) -> str:
+        """Short name of the selection for figure titles: ``z[i]``, ``map k`` or ``map k (i, j)``."""
         if self.coordinate is not None:
             return f"z[{self.coordinate}]"
         if self.location is None:

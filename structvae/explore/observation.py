@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from structvae.distributions.base import StructuredCovariance
 from structvae.explore.grid import ImageGrid, as_generator, evaluating, images_of, require_low_rank, slerp
 
 
@@ -32,7 +33,7 @@ def pixel_index(image_shape: Sequence[int], row: int, col: int, channel: int = 0
 def covariance_row(p: Distribution, index: int) -> Tensor:
     """Cov(x_index, x_j) for all j, [B, S]: from P for a low-rank likelihood, a delta (the variance at
     ``index``) for a pixel-independent one."""
-    if hasattr(p, "covariance_row"):
+    if isinstance(p, StructuredCovariance):
         return p.covariance_row(index)
     row = torch.zeros_like(p.variance)
     row[..., index] = p.variance[..., index]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 
-import torch
 from torch import Tensor, nn
 
 from structvae.networks.base import ImageDecoder, ImageEncoder
@@ -164,14 +163,4 @@ class ConvDecoder(ImageDecoder):
         return self.layers(z)
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-__all__ = ["ConvEncoder", "ConvDecoder", "decoder_plan", "halving_plan", "count_parameters"]
-
-
-if __name__ == "__main__":  # pragma: no cover - quick architecture table
-    for shape, lat in [((3, 64, 64), (64, 3, 3)), ((3, 64, 64), (81,)), ((3, 32, 32), (128, 3, 3)), ((3, 32, 32), (150,))]:
-        d = ConvDecoder().build(lat, shape)
-        print(shape, lat, d.num_layers, count_parameters(d), tuple(d(torch.zeros(2, *lat)).shape))
+__all__ = ["ConvEncoder", "ConvDecoder", "decoder_plan", "halving_plan"]

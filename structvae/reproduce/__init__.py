@@ -32,8 +32,11 @@ def _config_path(name: str) -> Path:
 
 def run_config(experiment: Experiment, seed: int, b: Budget, paper: str, run_dir: Path, data_root: Path,
                wandb: bool) -> dict:
-    """The experiment's committed config with this run's epochs, seed, data, loggers and Parzen curve."""
-    config = yaml.safe_load(_config_path(experiment.config).read_text())
+    """The experiment's committed config (its parts read in, see :func:`structvae.cli.resolved_config`) with this
+    run's epochs, seed, data, loggers and Parzen curve."""
+    from structvae.cli import resolved_config
+
+    config = resolved_config(_config_path(experiment.config))
     config["seed_everything"] = seed
     trainer = config.setdefault("trainer", {})
     epochs = b.network_free_epochs if experiment.role == "network_free" else b.epochs[paper]
@@ -163,6 +166,7 @@ def reproduce(paper: str, b: Budget, data_root: Path, work: Path, reports: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``structvae reproduce PAPER``: train, measure and report; returns the exit code (2: bad arguments)."""
     parser = argparse.ArgumentParser(prog="structvae reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("paper", choices=PAPERS)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",

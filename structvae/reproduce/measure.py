@@ -12,11 +12,13 @@ from torchvision.utils import save_image
 from structvae.evaluate import _split_images, evaluate, generate_images
 from structvae.metrics import MeanNLL, dequantize
 from structvae.metrics.classifier_fd import MNISTClassifier, classifier_frechet_distance
+from structvae.model import StructVAE
 from structvae.reproduce.plan import Budget
 
 
 def _is_vae(model) -> bool:
-    return hasattr(model, "encode") and hasattr(model, "objective")
+    """A VAE (encoder, posterior, objective), not the network-free :class:`LowRankGaussianFit`."""
+    return isinstance(model, StructVAE)
 
 
 def parzen_and_nll(model, datamodule, budget: Budget, seed: int = 0) -> dict[str, float]:
@@ -75,7 +77,7 @@ def constraints_and_variance(model, images: Tensor, batch_size: int = 250, num_p
             out["kl"] = float(torch.cat(kl).mean())
             out["entropy"] = float(torch.cat(entropy).mean())
             out["variance_posterior"] = float(torch.cat(var_post).mean())
-            targets = model.objective.targets() if hasattr(model.objective, "targets") else {}
+            targets = model.objective.targets()
             for name in ("kl", "entropy"):
                 out[f"{name}_target"] = float(targets[name]) if name in targets else None
         out["variance_prior"] = float(model.sample_prior(num_prior).variance.mean())

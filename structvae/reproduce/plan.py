@@ -59,6 +59,7 @@ class Budget:
     jobs: int = 2
 
     def as_dict(self) -> dict:
+        """The budget as a plain dict (stored in each run's ``spec.json``)."""
         return asdict(self)
 
 
@@ -117,4 +118,5 @@ EXPERIMENTS = {"spatial-vae": SPATIAL_VAE, "sos-vae": SOS_VAE}
 
 
 def run_name(experiment: Experiment, seed: int, repeat: bool = False) -> str:
+    """Folder name of one run: ``<key>-seed<k>``, with ``-repeat`` for the regeneration check."""
     return f"{experiment.key}-seed{seed}" + ("-repeat" if repeat else "")

@@ -39,6 +39,7 @@ CURVES = {
 
 
 def mean_se(values: list[float]) -> tuple[float, float, int]:
+    """(mean, standard error, n) of the finite values (``nan`` mean and n = 0 when none)."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
     n = len(vals)
     if n == 0:
@@ -49,6 +50,7 @@ def mean_se(values: list[float]) -> tuple[float, float, int]:
 
 
 def fmt(mean: float, se: float, n: int, digits: int) -> str:
+    """``mean ± se (n=…)`` for the report (``—`` when nothing was measured; the ± only for n > 1)."""
     if n == 0 or not math.isfinite(mean):
         return "—"
     return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if n > 1 else "") + (f" (n={n})" if n != 2 else "")
@@ -133,6 +135,9 @@ def _curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_curves(paper: str, experiments: list[Experiment], runs: list, out: Path) -> Path | None:
+    """The paper's training curves per experiment (seed 0 solid, others dashed; constraint targets dotted)
+    as one PNG at ``out``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,6 +169,9 @@ def plot_curves(paper: str, experiments: list[Experiment], runs: list, out: Path
 
 
 def plot_samples(experiments: list[Experiment], runs: list, out: Path) -> Path | None:
+    """One row of likelihood means and samples per experiment (seed 0) as one PNG at ``out``; ``None``
+    when no run left a sample grid.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,6 +218,7 @@ def repeat_check(runs: list) -> dict | None:
 
 
 def write_report(paper: str, experiments: list[Experiment], runs: list, meta: dict, reports: Path) -> Path:
+    """Write ``<paper>.md`` and ``<paper>.json`` (and the figures) into ``reports``; returns the Markdown path."""
     reports.mkdir(parents=True, exist_ok=True)
     summary = summarise(experiments, runs)
     meta["commit"] = _commit()

@@ -28,6 +28,8 @@ def train(run_dir: Path) -> tuple[object, object, float]:
 
 def measure(model, datamodule, spec: dict) -> dict:
     """Every number the report needs from this trained model."""
+    from structvae.data import MNISTDataModule
+    from structvae.model import StructVAE
     from structvae.reproduce import measure as m
 
     budget = Budget(**spec["budget"])
@@ -49,16 +51,19 @@ def measure(model, datamodule, spec: dict) -> dict:
         out["timings"]["fd_s"] = time.perf_counter() - t
     out.update(m.constraints_and_variance(model, test[: budget.nll_items]))
     m.save_sample_grid(model, run_dir / "samples.png")
-    if hasattr(model, "parameter_counts"):
+    if isinstance(model, StructVAE):
         out["parameters"] = model.parameter_counts()
     else:
         out["parameters"] = {"model": sum(p.numel() for p in model.parameters())}
-    out["split"] = getattr(datamodule, "resolved_split", "standard")
+    out["split"] = datamodule.resolved_split if isinstance(datamodule, MNISTDataModule) else "standard"
     out["train_size"] = len(datamodule.train_set)
     return out
 
 
 def run(run_dir: Path) -> dict:
+    """Train and measure the run described by ``run_dir/spec.json`` (once: a finished run's
+    ``result.json`` is returned as it is); returns the result dict.
+    """
     spec = json.loads((run_dir / "spec.json").read_text())
     result_path = run_dir / "result.json"
     if result_path.exists():

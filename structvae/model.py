@@ -152,8 +152,10 @@ class StructVAE(LightningModule):
         """
         q = self.encode(x)
         p = self.decode(q.rsample())
-        return ELBOTerms(log_likelihood=p.log_prob(x.flatten(1)), kl=q.kl_to_standard_normal(), entropy=p.entropy(),
-                         pixel_variance=self.likelihood.pixel_variance(p))
+        flat = x.flatten(1)
+        return ELBOTerms(log_likelihood=p.log_prob(flat), kl=q.kl_to_standard_normal(), entropy=p.entropy(),
+                         pixel_variance=self.likelihood.pixel_variance(p),
+                         mean_sq_error=(p.mean - flat).float().pow(2).sum(-1))
 
     def forward(self, x: Tensor) -> ELBOTerms:
         return self.elbo_terms(x)

@@ -39,6 +39,7 @@ EXPECTED = {
     "sosvae_celeba_native": (V, {"latent_dim": 128}, L, "MDMM", RE, CELEBA, 25, 50, 1e-4, 2),
     "sosvae_mnist": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
     "sosvae_mnist_noentropy": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
+    "sosvae_mnist_anchor": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
     "sosvae_resnet_celeba": (V, {"latent_dim": 128}, L, "MDMM", RE, CELEBA, 25, 50, 1e-4, 2),
     "svae_lowrank_celeba": (LR, {"channels": 64, "size": 3}, B, None, CE, CELEBA, 128, 50, 2e-4, 0),
     "svae_lowrank_cifar10": (LR, {"channels": 128, "size": 3}, B, None, CE, CIFAR, 128, 100, 2e-4, 0),

@@ -1,5 +1,6 @@
 """Objectives: ELBO/β values, MDMM gradient signs (descent on θ, ascent on λ), SOS-VAE targets."""
 
+import dataclasses
 import math
 
 import pytest
@@ -124,10 +125,44 @@ def test_mdmm_variance_target_is_resolved_by_the_likelihood():
     (dict(kl_target=-1.0), "kl_target must be non-negative"),
     (dict(variance_target=0.0), "variance_target must be positive"),
     (dict(entropy_target=-10.0, variance_target=0.01), "not both"),
+    (dict(mean_anchor=0.0), "mean_anchor is the variance"),
 ])
 def test_mdmm_rejects_bad_targets_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MDMM(**kwargs)
+
+
+def test_mean_anchor_adds_a_pixel_independent_gaussian_term_on_the_mean():
+    ll, kl, h = [-3.0, -5.0], [40.0, 50.0], [-7.0, -9.0]
+    sq_error = torch.tensor([2.0, 6.0], dtype=torch.float64, requires_grad=True)
+    plain = MDMM(kl_target=45.0, entropy_target=-8.0)
+    anchored = MDMM(kl_target=45.0, entropy_target=-8.0, mean_anchor=0.5)
+    with_error = dataclasses.replace(terms(ll, kl, h), mean_sq_error=sq_error)
+    assert plain(with_error).item() == pytest.approx(plain(terms(ll, kl, h)).item())  # off by default: the paper
+    difference = anchored(with_error) - plain(with_error)
+    assert difference.item() == pytest.approx(0.5 * 4.0 / 0.5)  # ½·mean ‖x − μ‖² / σ²ₐ
+    (grad,) = torch.autograd.grad(difference, sq_error)
+    assert torch.allclose(grad, torch.full((2,), 0.5 / 2 / 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mean_sq_error"):
+        anchored(terms(ll, kl, h))
+
+
+def test_model_fills_the_mean_squared_error():
+    from structvae.latent import VectorGaussianPosterior
+    from structvae.model import StructVAE
+    from structvae.networks import ConvDecoder, ConvEncoder
+
+    torch.manual_seed(0)
+    model = StructVAE((1, 8, 8), VectorGaussianPosterior(4), LowRankGaussianLikelihood(rank=2, epsilon=1e-3),
+                      MDMM(kl_target=5.0, variance_target=0.01, mean_anchor=0.01), ConvEncoder([8]), ConvDecoder(8))
+    model.eval()
+    x = torch.rand(3, 1, 8, 8)
+    torch.manual_seed(1)
+    t = model.elbo_terms(x)
+    torch.manual_seed(1)  # the same posterior draw
+    expected = (model.decode(model.encode(x).rsample()).mean - x.flatten(1)).pow(2).sum(-1)
+    assert t.mean_sq_error.shape == (3,)
+    torch.testing.assert_close(t.mean_sq_error, expected.detach())
 
 
 def test_mdmm_feasibility_checks_at_build():

@@ -34,12 +34,14 @@ class ELBOTerms:
     kl: KL(q(z|x) || p(z)) in closed form.
     entropy: H[p(·|z)], the differential entropy of the likelihood (needed by SOS-VAE's constraint).
     pixel_variance: mean over pixels of p(x|z)'s marginal variances (a diagnostic; detached), or None.
+    mean_sq_error: ‖x − E[x|z]‖² summed over pixels (for objectives that anchor the mean), or None.
     """
 
     log_likelihood: Tensor
     kl: Tensor
     entropy: Tensor
     pixel_variance: Tensor | None = None
+    mean_sq_error: Tensor | None = None
 
     @property
     def elbo(self) -> Tensor:

@@ -64,7 +64,7 @@ class EqualityConstraint(nn.Module):
 
 
 class MDMM(Objective):
-    """loss = −E[log p(x|z)] + Σ_c [λ_c·(ξ_c − E[c]) + ½·damping·(ξ_c − E[c])²].
+    """loss = −E[log p(x|z)] + Σ_c [λ_c·(ξ_c − E[c]) + ½·damping·(ξ_c − E[c])²] (+ ½·E‖x − μ‖²/σ²ₐ, opt-in).
 
     Args:
         kl_target: ξ_KL in nats per item (SOS-VAE: 45), or ``None`` for no KL constraint (then the
@@ -77,6 +77,12 @@ class MDMM(Objective):
             :mod:`structvae.distributions.gaussian_entropy`). At most one of the two entropy arguments.
         damping: the MDMM damping coefficient.
         multiplier_lr: learning rate of the multipliers' own optimizer group.
+        mean_anchor: ``None`` (SOS-VAE as published) or σ²ₐ of an auxiliary pixel-independent Gaussian term
+            ½·‖x − μ‖²/σ²ₐ added to the loss. Not in the paper: with D = εI the low-rank likelihood charges
+            a residual x − μ inside span(P) only ½·log(1 + σ_r²/ε), so once P is released after the warm-up
+            the mean can drift within that span — on MNIST P's top component turns into the digit itself and
+            the means dim to half the data's intensity (reconstruction MSE above the data-set mean image's).
+            The anchor keeps μ the least-squares conditional mean while P models what is left.
 
     Build-time checks (:meth:`bind`): KL target ≥ 0; the entropy target above the likelihood's floor;
     v̄ above the floor variance; a warning when the target implies a mean per-pixel variance above
@@ -85,8 +91,12 @@ class MDMM(Objective):
 
     def __init__(self, kl_target: float | None = 45.0, entropy_target: float | None = None,
                  variance_target: float | None = None, damping: float = 1.0,
-                 multiplier_lr: float = 1e-2) -> None:
+                 multiplier_lr: float = 1e-2, mean_anchor: float | None = None) -> None:
         super().__init__()
+        if mean_anchor is not None and not mean_anchor > 0:
+            raise ValueError(f"mean_anchor is the variance σ²ₐ of the auxiliary term and must be positive, "
+                             f"got {mean_anchor}; use null to leave it out (the paper's objective)")
+        self.mean_anchor = mean_anchor
         if kl_target is not None and not kl_target >= 0:
             raise ValueError(f"kl_target must be non-negative (a KL divergence is ≥ 0), got {kl_target}")
         if entropy_target is not None and variance_target is not None:
@@ -138,6 +148,10 @@ class MDMM(Objective):
             loss = loss + terms.kl.mean()
         if self.entropy is not None:
             loss = loss + self.entropy(terms.entropy.mean())
+        if self.mean_anchor is not None:
+            if terms.mean_sq_error is None:
+                raise ValueError("MDMM(mean_anchor=…) needs ELBOTerms.mean_sq_error (StructVAE.elbo_terms fills it)")
+            loss = loss + 0.5 * terms.mean_sq_error.mean() / self.mean_anchor
         return loss
 
     def _constraints(self) -> dict[str, EqualityConstraint]:

@@ -108,6 +108,9 @@ def orderings(paper: str, summary: dict[str, dict]) -> list[tuple[str, str, str]
         ("FD samples: SOS < Dorta et al.", "(74.66 vs 77.72)", verdict(diff("sos", "dorta", "fd_samples"), False)),
         ("FD samples: Dorta et al. < β-VAE", "(77.72 vs 257.11)", verdict(diff("dorta", "betavae", "fd_samples"), False)),
         ("avg variance: no ξ_H ≫ with ξ_H", "11.76 vs 0.0322", verdict(diff("sos_noentropy", "sos", "variance_prior"), True)),
+        ("FD means: SOS + mean anchor < SOS", "(an option, not in the paper)", verdict(diff("sos_anchor", "sos", "fd_means"), False)),
+        ("FD samples: SOS + mean anchor < β-VAE", "(an option, not in the paper)",
+         verdict(diff("sos_anchor", "betavae", "fd_samples"), False)),
     ]
     return rows
 

@@ -45,6 +45,24 @@ from structvae.distributions._checks import (
 )
 from structvae.distributions.base import LatentDistribution
 
+def _matrix_normal_batch(arg_constraints: dict, validate: bool, loc: Tensor,
+                         row: tuple[str, Tensor, int], col: tuple[str, Tensor, int]) -> torch.Size:
+    """The batch shape of a matrix normal with ``loc`` ``[*batch, N, n, p]`` and row / column parameters given
+    as ``(name, tensor, event_dims)``: ``[*batch, N, n]`` (variances, 2) or ``[*batch, N, n, n]`` (scale
+    trils, 3). With ``validate``, shapes and constraints are checked first, each with one clear error."""
+    (row_name, row_t, row_dims), (col_name, col_t, col_dims) = row, col
+    if not validate:
+        return torch.broadcast_shapes(loc.shape[:-3], row_t.shape[:-row_dims], col_t.shape[:-col_dims])
+    check_ndim("loc", loc, 3, "[*batch, N, n, p]")
+    n_maps, n, p = loc.shape[-3:]
+    for name, t, dims, size, label in ((row_name, row_t, row_dims, n, "n"), (col_name, col_t, col_dims, p, "p")):
+        event = (n_maps, size) if dims == 2 else (n_maps, size, size)
+        check_trailing_shape(name, t, event, f"(N, {label}) =" if dims == 2 else f"(N, {label}, {label}) =")
+    check_parameters(arg_constraints, {"loc": loc, row_name: row_t, col_name: col_t})
+    batch = check_broadcastable(row_name, row_t.shape[:-row_dims], "loc", loc.shape[:-3])
+    return check_broadcastable(col_name, col_t.shape[:-col_dims], f"loc and {row_name}", batch)
+
+
 
 class _MatrixNormalBase(LatentDistribution):
     """Shared shape handling and value checks for ``[*batch, N, n, p]`` matrix-normal latents."""
@@ -126,16 +144,8 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
         validate_args: bool | None = None,
     ) -> None:
         validate = resolve_validate_args(validate_args)
-        if validate:
-            check_ndim("loc", loc, 3, "[*batch, N, n, p]")
-            n_maps, n, p = loc.shape[-3:]
-            check_trailing_shape("row_var", row_var, (n_maps, n), "(N, n) =")
-            check_trailing_shape("col_var", col_var, (n_maps, p), "(N, p) =")
-            check_parameters(self.arg_constraints, {"loc": loc, "row_var": row_var, "col_var": col_var})
-            batch = check_broadcastable("row_var", row_var.shape[:-2], "loc", loc.shape[:-3])
-            batch = check_broadcastable("col_var", col_var.shape[:-2], "loc and row_var", batch)
-        else:
-            batch = torch.broadcast_shapes(loc.shape[:-3], row_var.shape[:-2], col_var.shape[:-2])
+        batch = _matrix_normal_batch(self.arg_constraints, validate, loc, ("row_var", row_var, 2),
+                                     ("col_var", col_var, 2))
         self.loc, self.row_var, self.col_var = loc, row_var, col_var
         super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
         self._validate_args = validate
@@ -233,23 +243,8 @@ class MatrixNormal(_MatrixNormalBase):
         validate_args: bool | None = None,
     ) -> None:
         validate = resolve_validate_args(validate_args)
-        if validate:
-            check_ndim("loc", loc, 3, "[*batch, N, n, p]")
-            n_maps, n, p = loc.shape[-3:]
-            check_trailing_shape("row_scale_tril", row_scale_tril, (n_maps, n, n), "(N, n, n) =")
-            check_trailing_shape("col_scale_tril", col_scale_tril, (n_maps, p, p), "(N, p, p) =")
-            check_parameters(
-                self.arg_constraints,
-                {"loc": loc, "row_scale_tril": row_scale_tril, "col_scale_tril": col_scale_tril},
-            )
-            batch = check_broadcastable("row_scale_tril", row_scale_tril.shape[:-3], "loc", loc.shape[:-3])
-            batch = check_broadcastable(
-                "col_scale_tril", col_scale_tril.shape[:-3], "loc and row_scale_tril", batch
-            )
-        else:
-            batch = torch.broadcast_shapes(
-                loc.shape[:-3], row_scale_tril.shape[:-3], col_scale_tril.shape[:-3]
-            )
+        batch = _matrix_normal_batch(self.arg_constraints, validate, loc, ("row_scale_tril", row_scale_tril, 3),
+                                     ("col_scale_tril", col_scale_tril, 3))
         self.loc, self.row_scale_tril, self.col_scale_tril = loc, row_scale_tril, col_scale_tril
         super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
         self._validate_args = validate

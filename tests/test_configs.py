@@ -18,24 +18,29 @@ CONFIGS = REPO / "configs"
 INCLUDE = re.compile(r"^\s*[\w.]+:\s*(\.\./[\w/.-]+\.yaml)", re.M)
 
 # What each experiment is, read from its fully resolved config (before the split into parts every file said
-# all of this itself; `structvae fit -c … --print_config` was identical for all 26 before and after the split):
+# all of this itself; `structvae fit -c … --print_config` was identical for all of them before and after the split):
 # posterior (or model) class and init_args, likelihood, objective, encoder, data module, batch size, epochs,
 # Adam's lr, epochs of mean-only warm-up.
 V, LR, MN, NS = "VectorGaussianPosterior", "LowRankMatrixNormalPosterior", "MatrixNormalPosterior", "NaiveSpatialPosterior"
 B, G, L = "BernoulliLikelihood", "GaussianLikelihood", "LowRankGaussianLikelihood"
+SP = "SparsePrecisionLikelihood"
 CE, RE = "ConvEncoder", "ResidualEncoder"
 CELEBA, MNIST, CIFAR = "CelebADataModule", "MNISTDataModule", "CIFAR10DataModule"
 EXPECTED = {
     "betavae_celeba": (V, {"latent_dim": 128}, G, "MDMM", CE, CELEBA, 128, 50, 1e-4, 2),
     "betavae_celeba_native": (V, {"latent_dim": 128}, G, "MDMM", RE, CELEBA, 25, 50, 1e-4, 2),
+    "betavae_celeba_gray64": (V, {"latent_dim": 128}, G, "MDMM", CE, CELEBA, 128, 50, 1e-4, 2),
     "betavae_mnist": (V, {"latent_dim": 32}, G, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
     "betavae_resnet_celeba": (V, {"latent_dim": 128}, G, "MDMM", RE, CELEBA, 25, 50, 1e-4, 2),
     "digits": (LR, {"channels": 8, "size": 2}, B, None, CE, "DigitsDataModule", 64, 50, 1e-3, 0),
     "digits_sos": (LR, {"channels": 8, "size": 2}, L, "MDMM", CE, "DigitsDataModule", 64, 50, 1e-3, 3),
+    "dorta_celeba_gray64": (V, {"latent_dim": 128}, SP, "MDMM", CE, CELEBA, 128, 50, 1e-4, 2),
+    "dorta_mnist": (V, {"latent_dim": 32}, SP, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
     "gauss_mnist": (V, {"latent_dim": 32}, G, None, CE, MNIST, 128, 50, 1e-3, 0),
     "lowrank_mvn_mnist": ("LowRankGaussianFit", {"rank": 25, "epsilon": 1e-5}, None, None, None, MNIST, 128, 10,
                           1e-2, 0),
     "sosvae_celeba": (V, {"latent_dim": 128}, L, "MDMM", CE, CELEBA, 128, 50, 1e-4, 2),
+    "sosvae_celeba_gray64": (V, {"latent_dim": 128}, L, "MDMM", CE, CELEBA, 128, 50, 1e-4, 2),
     "sosvae_celeba_native": (V, {"latent_dim": 128}, L, "MDMM", RE, CELEBA, 25, 50, 1e-4, 2),
     "sosvae_mnist": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
     "sosvae_mnist_noentropy": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),

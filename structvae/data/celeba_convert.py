@@ -26,6 +26,8 @@ CELEBA_PARTITION_NAMES = ("list_eval_partition.txt", "list_eval_partition.csv") 
 
 
 def celeba_command(src: str | Path = "<folder with img_align_celeba/>", out: str | Path | None = None) -> str:
+    """The shell command that converts the CelebA folder ``src`` (to ``out`` if given), quoted for copy-paste;
+    error messages print it so a missing file comes with the exact command that makes it."""
     return (
         "structvae data celeba --src "
         + (str(src) if str(src).startswith("<") else shlex.quote(str(src)))
@@ -161,20 +163,9 @@ def convert_celeba(
         )
         splits = celeba_splits_by_number(image_dir)
         how = "official (file-number ranges)"
-    log(
-        f"converting CelebA {image_dir} -> {out} ({_how_sized(size, crop)}{', grayscale' if grayscale else ''}): "
-        + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-    )
     return write_h5(
-        out,
-        image_dir,
-        splits,
-        size=size,
-        crop=crop,
-        mode=mode,
-        overwrite=overwrite,
-        workers=workers,
-        log=log,
+        out, image_dir, splits, size=size, crop=crop, mode=mode, overwrite=overwrite, workers=workers, log=log,
+        source=f"CelebA {image_dir}",
         attrs={
             "source": f"CelebA img_align_celeba ({Path(image_dir).resolve()})",
             "splits": how,

@@ -38,6 +38,7 @@ def _stderr(message: str) -> None:
 
 
 def default_workers() -> int:
+    """Image-decoding processes of a conversion: the CPU count, at least 1 and at most 8."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -111,11 +112,12 @@ def write_h5(
     overwrite: bool = False,
     workers: int | None = None,
     log: Log = _stderr,
+    source: str | None = None,
 ) -> dict[str, int]:
     """Convert the images ``root/<name>`` listed per split into ``out`` (structvae HDF5 layout), atomically.
 
     ``size``/``crop`` as :func:`load_image`; without ``size`` every image must come out the same size
-    (the first image sets it).
+    (the first image sets it). ``source``: how the start-up line names the input (default ``root``).
 
     Returns:
         images written per split.
@@ -125,6 +127,8 @@ def write_h5(
         DataCorruptError: an unreadable image, or one of another size (the output is left as it was).
     """
     out, root = Path(out), Path(root)
+    log(f"converting {source or root} -> {out} ({_how_sized(size, crop)}{', grayscale' if mode == 'L' else ''}): "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     if out.exists() and not overwrite:
         raise OutputExistsError(
             f"{out} already exists; pass --overwrite to replace it (it stays untouched "
@@ -265,20 +269,8 @@ def convert_folder(
         s: [names[i] for i in idx.tolist()]
         for s, idx in zip(SPLITS, (train_idx, val_idx, test_idx), strict=True)
     }
-    log(
-        f"converting {src} -> {out} ({_how_sized(size, crop)}): "
-        + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-    )
     return write_h5(
-        out,
-        src,
-        splits,
-        size=size,
-        crop=crop,
-        mode=mode,
-        overwrite=overwrite,
-        workers=workers,
-        log=log,
+        out, src, splits, size=size, crop=crop, mode=mode, overwrite=overwrite, workers=workers, log=log,
         attrs={
             "source": f"image folder {src.resolve()}",
             "splits": f"random (seed={seed}, val_fraction={val_fraction}, test_fraction={test_fraction})",

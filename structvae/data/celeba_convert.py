@@ -15,7 +15,7 @@ import os
 import shlex
 from pathlib import Path
 
-from structvae.data.convert import Log, Side, _how_sized, _size_flags, _stderr, side_label, write_h5
+from structvae.data.convert import Log, Side, _size_flags, _stderr, side_label, write_h5
 from structvae.data.errors import DataCorruptError, DataNotFoundError, OutputExistsError
 from structvae.data.hdf5 import SPLITS
 

@@ -45,6 +45,7 @@ from structvae.distributions._checks import (
 )
 from structvae.distributions.base import LatentDistribution
 
+
 def _matrix_normal_batch(arg_constraints: dict, validate: bool, loc: Tensor,
                          row: tuple[str, Tensor, int], col: tuple[str, Tensor, int]) -> torch.Size:
     """The batch shape of a matrix normal with ``loc`` ``[*batch, N, n, p]`` and row / column parameters given

@@ -127,3 +127,27 @@ def test_grayscale_celeba_conversion_and_the_gray64_experiment(celeba_src, tmp_p
     (tmp_path / "configs").symlink_to(REPO / "configs")
     assert main(["fit", "-c", "configs/experiment/dorta_celeba_gray64.yaml", "--trainer.fast_dev_run=true",
                  "--trainer.logger=false", "--data.batch_size=4", "--data.num_workers=0", *QUIET]) == 0
+
+
+def test_off_diagonal_bound_keeps_the_precision_well_conditioned():
+    """Whatever the decoder outputs, ρ bounds Σ|L_ij|/L_jj, so every marginal variance is ≤ σ²_max/(1 − ρ)²;
+    unbounded (Dorta et al.'s original) the same features give an ill-conditioned precision."""
+    from structvae.likelihoods import SparsePrecisionLikelihood
+
+    torch.manual_seed(0)
+    shape, rho = (1, 6, 6), 0.9
+    bounded = SparsePrecisionLikelihood(kernel_size=3, off_diagonal_bound=rho).build(8, shape)
+    free = SparsePrecisionLikelihood(kernel_size=3, off_diagonal_bound=None).build(8, shape)
+    free.load_state_dict(bounded.state_dict())
+    for head in (bounded, free):
+        torch.nn.init.normal_(head.off_diagonal.weight, std=3.0)  # large raw weights, as after a bad update
+    features = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    bounded.double(), free.double()
+    p, q = bounded(features), free(features)
+    relative = (p.off_diag / p.log_diag.exp().unsqueeze(-4)).abs()
+    assert relative.sum(-4).max() <= rho + 1e-12
+    sigma_max_sq = (-2 * p.log_diag).exp().amax(dim=(-3, -2, -1))
+    assert (p.variance.amax(-1) <= sigma_max_sq / (1 - rho) ** 2).all()
+    assert (q.variance.amax(-1) > 10 * sigma_max_sq / (1 - rho) ** 2).all()
+    with pytest.raises(ValueError, match="off_diagonal_bound"):
+        SparsePrecisionLikelihood(off_diagonal_bound=1.0)

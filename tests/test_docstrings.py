@@ -9,6 +9,7 @@ import pkgutil
 
 import structvae
 
+
 def _public_modules() -> list[str]:
     names = [info.name for info in pkgutil.walk_packages(structvae.__path__, "structvae.")]
     return [n for n in names if not any(p.startswith("_") for p in n.split(".")[1:])]

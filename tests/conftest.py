@@ -20,3 +20,16 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs")
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count puts it back: a count leaked into later tests once turned the
+    prescribed OMP_NUM_THREADS=1 into 2, and after torch.set_num_threads(n > 1) a batched LU (torch.linalg.inv,
+    solve, slogdet on a stack of matrices larger than ~14×14) hangs in torch's MKL build (pytorch#141358)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    left = torch.get_num_threads()
+    assert left == threads, f"the test left torch at {left} threads, not {threads}"

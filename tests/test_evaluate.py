@@ -25,9 +25,10 @@ def weights(tmp_path_factory) -> Path:
 def offline_fid(monkeypatch, tmp_path, weights):
     monkeypatch.setenv("STRUCTVAE_INCEPTION_WEIGHTS", str(weights))
     monkeypatch.setenv("STRUCTVAE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Inception on a shared 2-core machine: one thread is faster
     yield
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)  # not a fixed 2: that leaked into every later test under OMP_NUM_THREADS=1
 
 
 @pytest.fixture

@@ -54,8 +54,10 @@ def test_sos_checkpoint_gets_all_figures_and_logs_to_its_own_run(sos_ckpt, capsy
     out_dir = run_dir / "explore" / sos_ckpt.stem
     assert {p.stem for p in out_dir.glob("*.png")} == set(FIGURES) | {"traversal_locations"}
     assert "logged to W&B" in capsys.readouterr().out
-    # fit's run and explore's resumed run share the id (the run folder's name), as `wandb sync` expects
-    runs = list((run_dir.parent.parent / "wandb").glob(f"offline-run-*-{run_dir.name}"))
+    # fit's run and explore's resumed run share the id (the run folder's name), as `wandb sync` expects; W&B
+    # appends -1 to the second folder when both runs start within the same second
+    wandb_dir, run_id = run_dir.parent.parent / "wandb", run_dir.name
+    runs = [*wandb_dir.glob(f"offline-run-*-{run_id}"), *wandb_dir.glob(f"offline-run-*-{run_id}-[0-9]")]
     assert len(runs) == 2
     # the labelled per-epoch grid: eight named rows of 16 px digits upscaled, not a bare 137 px strip
     grid = next((run_dir / "samples").glob("epoch_*.png"))

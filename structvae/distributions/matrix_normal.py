@@ -64,7 +64,6 @@ def _matrix_normal_batch(arg_constraints: dict, validate: bool, loc: Tensor,
     return check_broadcastable(col_name, col_t.shape[:-col_dims], f"loc and {row_name}", batch)
 
 
-
 class _MatrixNormalBase(LatentDistribution):
     """Shared shape handling and value checks for ``[*batch, N, n, p]`` matrix-normal latents."""
 
@@ -72,6 +71,18 @@ class _MatrixNormalBase(LatentDistribution):
     has_rsample = True
 
     loc: Tensor
+
+    def _set_parameters(self, loc: Tensor, row: tuple[str, Tensor, int], col: tuple[str, Tensor, int],
+                        validate_args: bool | None) -> None:
+        """Check (when validating) and store ``loc`` and the row / column parameters, given as
+        ``(name, tensor, event_dims)``, then initialise the distribution's batch and event shapes."""
+        validate = resolve_validate_args(validate_args)
+        batch = _matrix_normal_batch(self.arg_constraints, validate, loc, row, col)
+        self.loc = loc
+        setattr(self, row[0], row[1])
+        setattr(self, col[0], col[1])
+        super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
+        self._validate_args = validate
 
     @property
     def num_rows(self) -> int:
@@ -137,19 +148,8 @@ class DiagonalMatrixNormal(_MatrixNormalBase):
         "col_var": constraints.independent(constraints.positive, 2),
     }
 
-    def __init__(
-        self,
-        loc: Tensor,
-        row_var: Tensor,
-        col_var: Tensor,
-        validate_args: bool | None = None,
-    ) -> None:
-        validate = resolve_validate_args(validate_args)
-        batch = _matrix_normal_batch(self.arg_constraints, validate, loc, ("row_var", row_var, 2),
-                                     ("col_var", col_var, 2))
-        self.loc, self.row_var, self.col_var = loc, row_var, col_var
-        super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
-        self._validate_args = validate
+    def __init__(self, loc: Tensor, row_var: Tensor, col_var: Tensor, validate_args: bool | None = None) -> None:
+        self._set_parameters(loc, ("row_var", row_var, 2), ("col_var", col_var, 2), validate_args)
 
     @property
     def variance(self) -> Tensor:
@@ -236,19 +236,10 @@ class MatrixNormal(_MatrixNormalBase):
         "col_scale_tril": constraints.independent(constraints.lower_cholesky, 1),
     }
 
-    def __init__(
-        self,
-        loc: Tensor,
-        row_scale_tril: Tensor,
-        col_scale_tril: Tensor,
-        validate_args: bool | None = None,
-    ) -> None:
-        validate = resolve_validate_args(validate_args)
-        batch = _matrix_normal_batch(self.arg_constraints, validate, loc, ("row_scale_tril", row_scale_tril, 3),
-                                     ("col_scale_tril", col_scale_tril, 3))
-        self.loc, self.row_scale_tril, self.col_scale_tril = loc, row_scale_tril, col_scale_tril
-        super().__init__(batch, loc.shape[-3:], validate_args=False)  # checked above
-        self._validate_args = validate
+    def __init__(self, loc: Tensor, row_scale_tril: Tensor, col_scale_tril: Tensor,
+                 validate_args: bool | None = None) -> None:
+        self._set_parameters(loc, ("row_scale_tril", row_scale_tril, 3), ("col_scale_tril", col_scale_tril, 3),
+                             validate_args)
 
     @property
     def row_covariance(self) -> Tensor:

@@ -1,5 +1,7 @@
 """Encoder/decoder shapes across image sizes and latent shapes; the paper's layer counts."""
 
+import copy
+
 import pytest
 import torch
 
@@ -92,15 +94,23 @@ def test_residual_model_matches_sos_vae_parameter_counts(shape, millions):
     assert len(dec.blocks) == 8 and strides.count((2, 2)) == 3 and dec.out_channels == 64
 
 
-def test_decoder_checkpointing_gives_the_same_gradients():
+def test_decoder_checkpointing_gives_the_same_gradients_and_running_statistics():
     torch.manual_seed(0)
     dec = ResidualDecoder(widths=(4, 8), blocks_per_width=2).build((6,), (3, 13, 10))
+    start = copy.deepcopy(dec.state_dict())
     z = torch.randn(3, 6)
-    grads = []
+    grads, buffers = [], []
     for flag in (False, True):
+        dec.load_state_dict(start)
         dec.checkpoint_blocks = flag
         dec.zero_grad()
         dec(z).square().sum().backward()
         grads.append([p.grad.clone() for p in dec.parameters()])
+        buffers.append({k: v.clone() for k, v in dec.named_buffers()})
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+    # the recomputation in the backward pass must not move the batch norms' running statistics again
+    assert buffers[0].keys() == buffers[1].keys() and any("running_mean" in k for k in buffers[0])
+    for k in buffers[0]:
+        torch.testing.assert_close(buffers[0][k], buffers[1][k], msg=k)
+    assert all(m.track_running_stats for m in dec.modules() if isinstance(m, torch.nn.BatchNorm2d))

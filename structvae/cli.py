@@ -263,7 +263,19 @@ def _lightning_cli(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``structvae …`` entry point: the ``data``/``fid``/``reproduce``/``explore``/``sweep`` verbs, else
     LightningCLI (``fit``/``validate``/``test``); returns the exit code.
+
+    Run as a command (``argv`` None) it first sets the process's host allocator to reuse freed memory
+    (:mod:`structvae.host_memory`; ``STRUCTVAE_HOST_ALLOCATOR=system`` keeps the C library's policy). Called
+    with ``argv`` from Python (a notebook, the tests) it leaves the caller's process alone.
     """
+    if argv is None:
+        from structvae.host_memory import configure_host_allocator
+
+        try:
+            configure_host_allocator()
+        except ValueError as err:
+            print(f"structvae: error: {err}", file=sys.stderr)
+            return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         from structvae.data.cli import main as data_main

@@ -84,4 +84,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         print("usage: python -m structvae.reproduce.run_one RUN_DIR", file=sys.stderr)
         sys.exit(2)
+    from structvae.host_memory import configure_host_allocator
+
+    configure_host_allocator()  # a process of its own, like `structvae fit`: reuse freed host memory
     run(Path(sys.argv[1]))

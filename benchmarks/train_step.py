@@ -6,18 +6,25 @@ optimizer step. Configurations (``--configs``, ``+``-joined options):
 
 * ``torch``   the anchor (b): the same networks and heads, ``torch.distributions.LowRankMultivariateNormal`` with
               an ``[S]`` diagonal, entropy by torch, KL and constraints *summed* over the batch (λ·(B·ξ − Σ)),
-              as a direct port of the paper computes them
-* ``ours``    (a): structvae's ``LowRankGaussianLikelihood`` (scalar D, Woodbury, per-item constraint means)
-* ``ours+cl`` channels_last weights and inputs;  ``+bf16`` bf16 autocast (the R×R algebra stays fp32);
-  ``+compile`` ``torch.compile`` of the encoder and decoder;  ``+ckpt`` activation checkpointing of the
-  decoder's residual blocks
+              as a direct port of the paper computes them, in a plain Python process (glibc's own allocator)
+* ``ours``    (a): structvae as its commands run it: ``LowRankGaussianLikelihood`` (scalar D, Woodbury, per-item
+              constraint means) in a process whose host allocator keeps freed blocks (``keep``,
+              :mod:`structvae.host_memory`), plus the experiment's settings: checkpointing (``ckpt``) above
+              100×100 (``sosvae_celeba_native.yaml`` sets it), and on CUDA bf16-mixed and channels_last
+* options, added with ``+`` or removed with ``-``: ``cl`` channels_last weights and inputs; ``bf16`` bf16 autocast
+  (the R×R algebra stays fp32); ``compile`` ``torch.compile`` of the encoder and decoder; ``ckpt`` activation
+  checkpointing of both networks' residual blocks (not with ``compile``: dynamo cannot trace it); ``keep`` the
+  structvae host allocator. ``torch+keep`` is the anchor with our allocator and ``ours-keep-ckpt`` is ours
+  without either, so the table separates what the allocator, the settings and the likelihood each bring.
 
-Timing: one subprocess per image size runs every configuration on one shared model, optimizer and batch,
-interleaved step by step: the median of ``--repeats`` steps after a one-image warm-up
-step and ``--warmup`` full warm-up steps each, so background load hits all alike. Peak memory: a fresh subprocess per (size, configuration)
-runs a warm-up step on one image (Adam state, compilation) and then one measured step; CPU: ``ru_maxrss``
-growth over the RSS before the measured step (glibc ``MALLOC_MMAP_THRESHOLD_`` pinned so RSS follows live
-tensors); CUDA: ``torch.cuda.max_memory_allocated`` growth.
+Timing: one subprocess per image size and allocator (the allocator is process-wide) runs its configurations
+on one shared model, optimizer and batch, interleaved step by step: the median of ``--repeats`` steps after a
+one-image warm-up step and ``--warmup`` full warm-up steps each (a full one lets ``keep`` grow its heap), so
+background load hits all alike; the two allocator processes run one after the other. Peak memory: a fresh
+subprocess per (size, configuration) runs a warm-up step on one image (Adam state, compilation) and then
+``--memory-steps`` measured steps (3: under ``keep`` the heap still grows in the second step); CPU: ``ru_maxrss`` growth over the RSS before the measured step (under ``system`` glibc's
+``MALLOC_MMAP_THRESHOLD_`` is pinned so RSS follows live tensors; under ``keep`` it is the heap's growth, reuse
+and fragmentation included); CUDA: ``torch.cuda.max_memory_allocated`` growth.
 
 Usage: ``python benchmarks/train_step.py`` (64×64 every option, 218×178 the anchor vs ours, ~minutes on CPU);
 ``--full`` every option at both sizes with more repeats; ``--sizes 64x64 --configs torch,ours --repeats 5``.
@@ -31,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -45,8 +53,27 @@ from _measure import peak_bytes, sync  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DEFAULT_SMALL = "torch,ours,ours+cl,ours+bf16,ours+ckpt,ours+compile,ours+cl+compile"
-DEFAULT_LARGE = "torch,ours,ours+ckpt"
+DEFAULT_SMALL = "torch,ours-keep,torch+keep,ours,ours+cl,ours+bf16,ours+ckpt,ours+compile,ours+cl+compile"
+DEFAULT_LARGE = "torch,ours-keep-ckpt,torch+keep,ours,ours+cl"
+OPTIONS = ("cl", "bf16", "compile", "ckpt", "keep")
+LARGE = 100 * 100  # H·W above which the experiments checkpoint the networks
+
+
+def options_of(name: str, device: str, large: bool) -> set[str]:
+    """The options of configuration ``name`` (``torch``/``ours`` then ``+opt``/``-opt``), defaults included."""
+    base, *edits = re.split(r"(?=[+-])", name)
+    if base not in ("torch", "ours") or any(e[1:] not in OPTIONS for e in edits):
+        raise SystemExit(f"unknown configuration {name!r}: torch or ours, then +opt or -opt with opt in {OPTIONS}")
+    options = set()
+    if base == "ours":
+        options = {"keep"} | ({"ckpt"} if large else set()) | ({"cl", "bf16"} if device == "cuda" else set())
+    for edit in edits:
+        (options.add if edit[0] == "+" else options.discard)(edit[1:])
+    if base == "torch" and options - {"keep"}:
+        raise SystemExit(f"{name!r}: the anchor takes only the allocator option (+keep)")
+    if {"compile", "ckpt"} <= options:  # dynamo cannot trace checkpoint()'s context_fn (torch 2.14)
+        raise SystemExit(f"{name!r}: compile and ckpt do not combine; drop one (e.g. ours-ckpt+compile)")
+    return options
 EPSILON, RANK, LATENT, KL_TARGET = 1e-5, 25, 128, 45.0
 
 
@@ -67,11 +94,10 @@ class Step:
     """One configuration's training step. All configurations share one model and one Adam (memory: one
     copy at 218×178); before each step the model is put in the configuration's layout and checkpointing."""
 
-    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: str) -> None:
-        self.name, self.options = name, set(name.split("+")[1:])
-        unknown = self.options - {"cl", "bf16", "compile", "ckpt"}
-        if unknown or name.split("+")[0] not in ("torch", "ours") or (name.startswith("torch") and self.options):
-            raise SystemExit(f"unknown configuration {name!r}: use torch, ours or ours+cl+bf16+compile+ckpt")
+    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: str,
+                 large: bool) -> None:
+        self.name, self.options = name, options_of(name, device, large)
+        self.anchor = name.startswith("torch")
         self.device, self.model, self.optimizer = device, model, optimizer
         self.memory_format = torch.channels_last if "cl" in self.options else torch.contiguous_format
         self.encoder, self.decoder = model.encoder, model.decoder
@@ -82,7 +108,7 @@ class Step:
     def prepare(self) -> None:
         """Layout and checkpointing of this configuration (outside the timed region)."""
         self.model.to(memory_format=self.memory_format)
-        self.model.decoder.checkpoint_blocks = "ckpt" in self.options
+        self.model.encoder.checkpoint_blocks = self.model.decoder.checkpoint_blocks = "ckpt" in self.options
 
     def _autocast(self):
         if "bf16" in self.options:
@@ -116,7 +142,7 @@ class Step:
     def __call__(self, x: torch.Tensor) -> float:
         x = x.contiguous(memory_format=self.memory_format)  # part of the step: the loader gives NCHW
         with self._autocast():
-            loss = self._loss_torch(x) if self.name == "torch" else self._loss_ours(x)
+            loss = self._loss_torch(x) if self.anchor else self._loss_ours(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -129,18 +155,23 @@ def _batch(image_shape: tuple[int, int, int], batch: int, device: str) -> torch.
 
 
 def worker(spec: dict) -> dict:
-    torch.manual_seed(0)
     device, shape = spec["device"], tuple(spec["shape"])
+    if spec["keep"]:
+        from structvae.host_memory import keep_freed_host_memory
+
+        if not keep_freed_host_memory():
+            raise SystemExit("the keep allocator needs glibc (Linux); drop the +keep configurations")
+    torch.manual_seed(0)
     model = build_model(shape).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = _batch(shape, spec["batch"], device)
-    steps = [Step(name, model, optimizer, device) for name in spec["configs"]]
+    steps = [Step(name, model, optimizer, device, spec["large"]) for name in spec["configs"]]
     for step in steps:  # Adam state, compilation, thread pools (one image: cheap at 218×178)
         step.prepare()
         step(x[:1])
     if spec["mode"] == "mem":
         (step,) = steps
-        return {"peak_bytes": peak_bytes(lambda: step(x), device)}
+        return {"peak_bytes": peak_bytes(lambda: [step(x) for _ in range(spec["memory_steps"])], device)}
     times: dict[str, list[float]] = {s.name: [] for s in steps}
     for i in range(spec["warmup"] + spec["repeats"]):
         for step in steps:
@@ -156,7 +187,7 @@ def worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     env = dict(os.environ)
-    if spec["mode"] == "mem" and spec["device"] == "cpu":
+    if spec["mode"] == "mem" and spec["device"] == "cpu" and not spec["keep"]:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
                          text=True, check=False)
@@ -178,9 +209,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeats-large", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--warmup-large", type=int, default=0)
+    parser.add_argument("--warmup-large", type=int, default=1)
     parser.add_argument("--full", action="store_true", help="every option at every size, 5 / 3 repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--memory-steps", type=int, default=3,
+                        help="full steps the peak memory is taken over (keep's heap settles by the third)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -188,29 +221,36 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     if args.full:
-        args.configs_large = args.configs = DEFAULT_SMALL + ",ours+cl+ckpt,ours+cl+bf16+compile"
+        args.configs = DEFAULT_SMALL + ",ours+cl+ckpt,ours+cl+bf16+compile"
+        args.configs_large = DEFAULT_LARGE + ",ours-ckpt,ours+bf16,ours+cl+bf16,ours-ckpt+compile,ours-ckpt+cl+compile"
         args.repeats, args.repeats_large, args.warmup_large = 5, 3, 1
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     where = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {device} ({where}, {torch.get_num_threads()} threads), batch {args.batch}, "
           f"SOS-VAE residual model (latent {LATENT}, rank {RANK}), Adam; median step, interleaved.\n"
-          "Peak memory: growth during one step after a warm-up step ("
+          "Peak memory: the most a process grows during --memory-steps steps after a warm-up step ("
           + ("torch.cuda.max_memory_allocated" if device == "cuda" else "ru_maxrss, fresh subprocess") + ").\n")
     print("| H×W | config | ms/step | img/s | speed-up vs torch | vs ours | peak MiB | memory vs torch |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.lower().split("x"))
-        large = h * w > 100 * 100
+        large = h * w > LARGE
         configs = [c for c in (args.configs_large if large else args.configs).split(",") if c]
-        base = {"shape": [3, h, w], "batch": args.batch, "device": device,
+        keeps = {c: "keep" in options_of(c, device, large) for c in configs}
+        base = {"shape": [3, h, w], "batch": args.batch, "device": device, "large": large, "memory_steps": args.memory_steps,
                 "warmup": args.warmup_large if large else args.warmup,
                 "repeats": args.repeats_large if large else args.repeats}
-        ms = run_worker({**base, "mode": "time", "configs": configs})
+        ms: dict[str, float] = {}
+        for keep in (False, True):  # one process per allocator: it is process-wide
+            group = [c for c in configs if keeps[c] == keep]
+            if group:
+                ms.update(run_worker({**base, "keep": keep, "mode": "time", "configs": group}))
         print(f"<!-- {h}×{w} ms/step: {json.dumps(ms)} -->", flush=True)  # kept if a memory run fails
         peak: dict[str, float | None] = {}
         for c in configs:  # one row as soon as its memory is known; a failed (e.g. OOM-killed) run leaves it blank
             try:
-                peak[c] = None if args.no_memory else run_worker({**base, "mode": "mem", "configs": [c]})["peak_bytes"]
+                peak[c] = None if args.no_memory else run_worker(
+                    {**base, "keep": keeps[c], "mode": "mem", "configs": [c]})["peak_bytes"]
             except RuntimeError as err:
                 peak[c] = None
                 print(f"<!-- {c}: memory run failed: {str(err).splitlines()[0][:200]} -->", flush=True)

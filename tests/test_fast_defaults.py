@@ -33,3 +33,39 @@ def test_channels_last_is_selectable_and_off_by_default_on_cpu(in_tmp):
     assert not all(_weights(on.model, torch.contiguous_format))
     off = build_cli(common)
     assert all(_weights(off.model, torch.contiguous_format))
+
+
+def _benchmark():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("train_step")
+
+
+def test_the_benchmarks_ours_is_what_the_experiments_run():
+    """``ours`` in benchmarks/train_step.py claims the settings the experiments use: the keep allocator, decoder
+    checkpointing at 218×178 (the native experiments) and not at 64×64, bf16 + channels_last on CUDA."""
+    from structvae.cli import resolved_config
+
+    bench = _benchmark()
+    assert bench.options_of("ours", "cpu", large=True) == {"keep", "ckpt"}
+    assert bench.options_of("ours", "cpu", large=False) == {"keep"}
+    assert bench.options_of("ours", "cuda", large=False) == {"keep", "cl", "bf16"}
+    assert bench.options_of("ours-keep-ckpt+cl", "cpu", large=True) == {"cl"}
+    for name, large in (("sosvae_celeba_native", True), ("betavae_celeba_native", True),
+                        ("sosvae_resnet_celeba", False)):
+        model = resolved_config(f"configs/experiment/{name}.yaml")["model"]
+        for network in ("encoder", "decoder"):
+            assert model[network]["init_args"]["checkpoint_blocks"] is large, (name, network)
+
+
+def test_the_benchmark_refuses_configurations_it_cannot_run():
+    import pytest
+
+    bench = _benchmark()
+    for name, message in (("torch+cl", "only the allocator"), ("ours+compile", "do not combine"),
+                          ("ours+fast", "unknown configuration"), ("mine", "unknown configuration")):
+        with pytest.raises(SystemExit, match=message):
+            bench.options_of(name, "cpu", large=True)

@@ -94,11 +94,16 @@ def test_residual_model_matches_sos_vae_parameter_counts(shape, millions):
     assert len(dec.blocks) == 8 and strides.count((2, 2)) == 3 and dec.out_channels == 64
 
 
-def test_decoder_checkpointing_gives_the_same_gradients_and_running_statistics():
+@pytest.mark.parametrize("network", ["decoder", "encoder"])
+def test_checkpointing_gives_the_same_gradients_and_running_statistics(network):
     torch.manual_seed(0)
-    dec = ResidualDecoder(widths=(4, 8), blocks_per_width=2).build((6,), (3, 13, 10))
+    if network == "decoder":
+        dec = ResidualDecoder(widths=(4, 8), blocks_per_width=2).build((6,), (3, 13, 10))
+        z = torch.randn(3, 6)
+    else:
+        dec = ResidualEncoder(widths=(4, 8), blocks_per_width=2, head_channels=8).build((3, 13, 10), 5)
+        z = torch.randn(3, 3, 13, 10)
     start = copy.deepcopy(dec.state_dict())
-    z = torch.randn(3, 6)
     grads, buffers = [], []
     for flag in (False, True):
         dec.load_state_dict(start)
@@ -114,3 +119,35 @@ def test_decoder_checkpointing_gives_the_same_gradients_and_running_statistics()
     for k in buffers[0]:
         torch.testing.assert_close(buffers[0][k], buffers[1][k], msg=k)
     assert all(m.track_running_stats for m in dec.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def _saved_bytes(network, x) -> int:
+    """Bytes autograd keeps for the backward pass of ``network(x)`` (outside the checkpoints' own storage)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        network(x)
+    return total
+
+
+@pytest.mark.parametrize("network", ["decoder", "encoder"])
+def test_checkpointing_keeps_only_the_segment_inputs(network):
+    """With ``checkpoint_blocks`` the full-size maps inside blocks, stem and last convolutions are not kept."""
+    torch.manual_seed(0)
+    if network == "decoder":
+        net, x = ResidualDecoder(widths=(8, 16), blocks_per_width=2).build((6,), (3, 40, 30)), torch.randn(2, 6)
+    else:
+        net = ResidualEncoder(widths=(8, 16), blocks_per_width=2, head_channels=16).build((3, 40, 30), 5)
+        x = torch.randn(2, 3, 40, 30)
+    full = _saved_bytes(net, x)
+    net.checkpoint_blocks = True
+    kept = _saved_bytes(net, x)
+    assert kept < full / 4, (kept, full)
+    net.eval()  # evaluation never checkpoints (nothing is saved without autograd anyway)
+    with torch.no_grad():
+        assert _saved_bytes(net, x) == 0

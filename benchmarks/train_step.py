@@ -22,9 +22,10 @@ on one shared model, optimizer and batch, interleaved step by step: the median o
 one-image warm-up step and ``--warmup`` full warm-up steps each (a full one lets ``keep`` grow its heap), so
 background load hits all alike; the two allocator processes run one after the other. Peak memory: a fresh
 subprocess per (size, configuration) runs a warm-up step on one image (Adam state, compilation) and then
-``--memory-steps`` measured steps (3: under ``keep`` the heap still grows in the second step); CPU: ``ru_maxrss`` growth over the RSS before the measured step (under ``system`` glibc's
-``MALLOC_MMAP_THRESHOLD_`` is pinned so RSS follows live tensors; under ``keep`` it is the heap's growth, reuse
-and fragmentation included); CUDA: ``torch.cuda.max_memory_allocated`` growth.
+``--memory-steps`` measured steps (3: under ``keep`` the heap still grows in the second step); CPU:
+``ru_maxrss`` growth over the RSS before the measured steps (under ``system`` glibc's ``MALLOC_MMAP_THRESHOLD_``
+is pinned so RSS follows live tensors; under ``keep`` it is the heap's growth, reuse and fragmentation
+included); CUDA: ``torch.cuda.max_memory_allocated`` growth.
 
 Usage: ``python benchmarks/train_step.py`` (64×64 every option, 218×178 the anchor vs ours, ~minutes on CPU);
 ``--full`` every option at both sizes with more repeats; ``--sizes 64x64 --configs torch,ours --repeats 5``.
@@ -57,6 +58,7 @@ DEFAULT_SMALL = "torch,ours-keep,torch+keep,ours,ours+cl,ours+bf16,ours+ckpt,our
 DEFAULT_LARGE = "torch,ours-keep-ckpt,torch+keep,ours,ours+cl"
 OPTIONS = ("cl", "bf16", "compile", "ckpt", "keep")
 LARGE = 100 * 100  # H·W above which the experiments checkpoint the networks
+EPSILON, RANK, LATENT, KL_TARGET = 1e-5, 25, 128, 45.0
 
 
 def options_of(name: str, device: str, large: bool) -> set[str]:
@@ -74,7 +76,6 @@ def options_of(name: str, device: str, large: bool) -> set[str]:
     if {"compile", "ckpt"} <= options:  # dynamo cannot trace checkpoint()'s context_fn (torch 2.14)
         raise SystemExit(f"{name!r}: compile and ckpt do not combine; drop one (e.g. ours-ckpt+compile)")
     return options
-EPSILON, RANK, LATENT, KL_TARGET = 1e-5, 25, 128, 45.0
 
 
 def build_model(image_shape: tuple[int, int, int]):
@@ -237,8 +238,8 @@ def main() -> None:
         large = h * w > LARGE
         configs = [c for c in (args.configs_large if large else args.configs).split(",") if c]
         keeps = {c: "keep" in options_of(c, device, large) for c in configs}
-        base = {"shape": [3, h, w], "batch": args.batch, "device": device, "large": large, "memory_steps": args.memory_steps,
-                "warmup": args.warmup_large if large else args.warmup,
+        base = {"shape": [3, h, w], "batch": args.batch, "device": device, "large": large,
+                "memory_steps": args.memory_steps, "warmup": args.warmup_large if large else args.warmup,
                 "repeats": args.repeats_large if large else args.repeats}
         ms: dict[str, float] = {}
         for keep in (False, True):  # one process per allocator: it is process-wide

@@ -185,13 +185,11 @@ class ResidualDecoder(ImageDecoder):
 
 def run_layers(layers: Iterable[nn.Module], x: Tensor, checkpointed: bool) -> Tensor:
     """``layers`` applied in turn to ``x``. With ``checkpointed`` (and autograd on) every :class:`ResidualBlock`,
-    and every run of other layers between them (stem, lift, last 1×1 convolutions), keeps only its input and is
+    and every run of other layers between them (stem, last 1×1 convolutions), keeps only its input and is
     recomputed in the backward pass, leaving its batch norms' running statistics as one uncheckpointed step
     would (:func:`_running_stats_frozen`)."""
     if not (checkpointed and torch.is_grad_enabled()):
-        for layer in layers:
-            x = layer(x)
-        return x
+        return _apply(layers, x)
     for segment in _segments(layers):
         x = checkpoint(_apply, segment, x, use_reentrant=False,
                        context_fn=lambda s=segment: (contextlib.nullcontext(), _running_stats_frozen(s)))
@@ -209,8 +207,8 @@ def _segments(layers: Iterable[nn.Module]) -> list[list[nn.Module]]:
     return segments
 
 
-def _apply(segment: list[nn.Module], x: Tensor) -> Tensor:
-    for layer in segment:
+def _apply(layers: Iterable[nn.Module], x: Tensor) -> Tensor:
+    for layer in layers:
         x = layer(x)
     return x
 

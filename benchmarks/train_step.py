@@ -8,24 +8,25 @@ optimizer step. Configurations (``--configs``, ``+``-joined options):
               an ``[S]`` diagonal, entropy by torch, KL and constraints *summed* over the batch (λ·(B·ξ − Σ)),
               as a direct port of the paper computes them, in a plain Python process (glibc's own allocator)
 * ``ours``    (a): structvae as its commands run it: ``LowRankGaussianLikelihood`` (scalar D, Woodbury, per-item
-              constraint means) in a process whose host allocator keeps freed blocks (``keep``,
+              constraint means) in a process with structvae's host caching allocator (``cache``,
               :mod:`structvae.host_memory`), plus the experiment's settings: checkpointing (``ckpt``) above
               100×100 (``sosvae_celeba_native.yaml`` sets it), and on CUDA bf16-mixed and channels_last
 * options, added with ``+`` or removed with ``-``: ``cl`` channels_last weights and inputs; ``bf16`` bf16 autocast
   (the R×R algebra stays fp32); ``compile`` ``torch.compile`` of the encoder and decoder; ``ckpt`` activation
-  checkpointing of both networks' residual blocks (not with ``compile``: dynamo cannot trace it); ``keep`` the
-  structvae host allocator. ``torch+keep`` is the anchor with our allocator and ``ours-keep-ckpt`` is ours
-  without either, so the table separates what the allocator, the settings and the likelihood each bring.
+  checkpointing of both networks' residual blocks (not with ``compile``: dynamo cannot trace it); the host
+  allocator, ``cache`` (structvae's) or ``keep`` (glibc keeps freed blocks). ``torch+cache`` is the
+  anchor with our allocator and ``ours-cache-ckpt`` is ours without the allocator and the settings, so the
+  table separates what the allocator, the settings and the likelihood each bring.
 
 Timing: one subprocess per image size and allocator (the allocator is process-wide) runs its configurations
 on one shared model, optimizer and batch, interleaved step by step: the median of ``--repeats`` steps after a
-one-image warm-up step and ``--warmup`` full warm-up steps each (a full one lets ``keep`` grow its heap), so
+one-image warm-up step and ``--warmup`` full warm-up steps each (a full one lets an allocator fill its cache), so
 background load hits all alike; the two allocator processes run one after the other. Peak memory: a fresh
 subprocess per (size, configuration) runs a warm-up step on one image (Adam state, compilation) and then
 ``--memory-steps`` measured steps (3: under ``keep`` the heap still grows in the second step); CPU:
-``ru_maxrss`` growth over the RSS before the measured steps (under ``system`` glibc's ``MALLOC_MMAP_THRESHOLD_``
-is pinned so RSS follows live tensors; under ``keep`` it is the heap's growth, reuse and fragmentation
-included); CUDA: ``torch.cuda.max_memory_allocated`` growth.
+``ru_maxrss`` growth over the RSS before the measured steps (under the system allocator glibc's
+``MALLOC_MMAP_THRESHOLD_`` is pinned so RSS follows live tensors; under ``cache`` and ``keep`` it is what they
+hold, reuse and fragmentation included); CUDA: ``torch.cuda.max_memory_allocated`` growth.
 
 Usage: ``python benchmarks/train_step.py`` (64×64 every option, 218×178 the anchor vs ours, ~minutes on CPU);
 ``--full`` every option at both sizes with more repeats; ``--sizes 64x64 --configs torch,ours --repeats 5``.
@@ -54,9 +55,10 @@ from _measure import peak_bytes, sync  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DEFAULT_SMALL = "torch,ours-keep,torch+keep,ours,ours+cl,ours+bf16,ours+ckpt,ours+compile,ours+cl+compile"
-DEFAULT_LARGE = "torch,ours-keep-ckpt,torch+keep,ours,ours+cl"
-OPTIONS = ("cl", "bf16", "compile", "ckpt", "keep")
+DEFAULT_SMALL = "torch,ours-cache,torch+cache,ours,ours-cache+keep,ours+cl,ours+bf16,ours+ckpt,ours+compile"
+DEFAULT_LARGE = "torch,ours-cache-ckpt,torch+cache,ours,ours-cache+keep,ours+cl"
+ALLOCATORS = ("cache", "keep")  # host allocators (process-wide); neither: glibc's own
+OPTIONS = ("cl", "bf16", "compile", "ckpt", *ALLOCATORS)
 LARGE = 100 * 100  # H·W above which the experiments checkpoint the networks
 EPSILON, RANK, LATENT, KL_TARGET = 1e-5, 25, 128, 45.0
 
@@ -68,11 +70,13 @@ def options_of(name: str, device: str, large: bool) -> set[str]:
         raise SystemExit(f"unknown configuration {name!r}: torch or ours, then +opt or -opt with opt in {OPTIONS}")
     options = set()
     if base == "ours":
-        options = {"keep"} | ({"ckpt"} if large else set()) | ({"cl", "bf16"} if device == "cuda" else set())
+        options = {"cache"} | ({"ckpt"} if large else set()) | ({"cl", "bf16"} if device == "cuda" else set())
     for edit in edits:
         (options.add if edit[0] == "+" else options.discard)(edit[1:])
-    if base == "torch" and options - {"keep"}:
-        raise SystemExit(f"{name!r}: the anchor takes only the allocator option (+keep)")
+    if base == "torch" and options - set(ALLOCATORS):
+        raise SystemExit(f"{name!r}: the anchor takes only an allocator option (+cache or +keep)")
+    if set(ALLOCATORS) <= options:
+        raise SystemExit(f"{name!r}: one host allocator at a time (e.g. ours-cache+keep)")
     if {"compile", "ckpt"} <= options:  # dynamo cannot trace checkpoint()'s context_fn (torch 2.14)
         raise SystemExit(f"{name!r}: compile and ckpt do not combine; drop one (e.g. ours-ckpt+compile)")
     return options
@@ -157,7 +161,11 @@ def _batch(image_shape: tuple[int, int, int], batch: int, device: str) -> torch.
 
 def worker(spec: dict) -> dict:
     device, shape = spec["device"], tuple(spec["shape"])
-    if spec["keep"]:
+    if spec["allocator"] == "cache":
+        from structvae.host_memory import cache_host_memory
+
+        cache_host_memory()
+    elif spec["allocator"] == "keep":
         from structvae.host_memory import keep_freed_host_memory
 
         if not keep_freed_host_memory():
@@ -188,7 +196,7 @@ def worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
     env = dict(os.environ)
-    if spec["mode"] == "mem" and spec["device"] == "cpu" and not spec["keep"]:
+    if spec["mode"] == "mem" and spec["device"] == "cpu" and spec["allocator"] == "system":
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
                          text=True, check=False)
@@ -237,21 +245,21 @@ def main() -> None:
         h, w = (int(v) for v in size.lower().split("x"))
         large = h * w > LARGE
         configs = [c for c in (args.configs_large if large else args.configs).split(",") if c]
-        keeps = {c: "keep" in options_of(c, device, large) for c in configs}
+        allocator = {c: next(iter(options_of(c, device, large) & set(ALLOCATORS)), "system") for c in configs}
         base = {"shape": [3, h, w], "batch": args.batch, "device": device, "large": large,
                 "memory_steps": args.memory_steps, "warmup": args.warmup_large if large else args.warmup,
                 "repeats": args.repeats_large if large else args.repeats}
         ms: dict[str, float] = {}
-        for keep in (False, True):  # one process per allocator: it is process-wide
-            group = [c for c in configs if keeps[c] == keep]
+        for alloc in ("system", *ALLOCATORS):  # one process per allocator: it is process-wide
+            group = [c for c in configs if allocator[c] == alloc]
             if group:
-                ms.update(run_worker({**base, "keep": keep, "mode": "time", "configs": group}))
+                ms.update(run_worker({**base, "allocator": alloc, "mode": "time", "configs": group}))
         print(f"<!-- {h}×{w} ms/step: {json.dumps(ms)} -->", flush=True)  # kept if a memory run fails
         peak: dict[str, float | None] = {}
         for c in configs:  # one row as soon as its memory is known; a failed (e.g. OOM-killed) run leaves it blank
             try:
                 peak[c] = None if args.no_memory else run_worker(
-                    {**base, "keep": keeps[c], "mode": "mem", "configs": [c]})["peak_bytes"]
+                    {**base, "allocator": allocator[c], "mode": "mem", "configs": [c]})["peak_bytes"]
             except RuntimeError as err:
                 peak[c] = None
                 print(f"<!-- {c}: memory run failed: {str(err).splitlines()[0][:200]} -->", flush=True)

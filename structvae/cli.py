@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from structvae.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from structvae.data.errors import find_data_error
-from structvae.model import NonFiniteLossError, StructVAE
+from structvae.model import NonFiniteLossError, StructVAE, UnsupportedLayoutError
 
 
 class ConfigurationError(ValueError):
@@ -240,6 +240,9 @@ def _lightning_cli(argv: list[str]) -> int:
     except NonFiniteLossError as err:
         print(f"structvae: error: {err}", file=sys.stderr)
         return 1
+    except UnsupportedLayoutError as err:  # found when fit places the model on its device
+        print(f"structvae: error: {err}", file=sys.stderr)
+        return 2
     except Exception as err:  # a data problem arrives wrapped by jsonargparse: unwrap it, re-raise the rest
         data_error = find_data_error(err)
         if data_error is not None:
@@ -264,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     """``structvae …`` entry point: the ``data``/``fid``/``reproduce``/``explore``/``sweep`` verbs, else
     LightningCLI (``fit``/``validate``/``test``); returns the exit code.
 
-    Run as a command (``argv`` None) it first sets the process's host allocator to reuse freed memory
-    (:mod:`structvae.host_memory`; ``STRUCTVAE_HOST_ALLOCATOR=system`` keeps the C library's policy). Called
-    with ``argv`` from Python (a notebook, the tests) it leaves the caller's process alone.
+    Run as a command (``argv`` None) it first installs structvae's caching host allocator, which reuses freed
+    memory (:mod:`structvae.host_memory`; ``STRUCTVAE_HOST_ALLOCATOR=keep|system`` chooses glibc's heap or the
+    C library's own policy). Called with ``argv`` from Python (a notebook, the tests) it leaves the caller's
+    process alone.
     """
     if argv is None:
         from structvae.host_memory import configure_host_allocator

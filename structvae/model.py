@@ -50,6 +50,29 @@ from structvae.objectives.base import ELBOTerms, Objective
 from structvae.objectives.elbo import ELBO
 
 
+class UnsupportedLayoutError(ValueError):
+    """``channels_last`` was asked for a network that torch cannot run in that layout on this device."""
+
+
+# torch 2.14.1's CPU (oneDNN) backward of a 1×1 stride-2 convolution in channels_last corrupts the heap (a
+# segfault or "corrupted size vs. prev_size") when its image-side input has fewer than 16 channels: Conv2d's
+# in_channels, ConvTranspose2d's out_channels. Found with narrowed SOS-VAE networks; widths ≥ 16 run correctly.
+_CPU_CHANNELS_LAST_MIN_CHANNELS = 16
+
+
+def cpu_channels_last_hazards(module: torch.nn.Module) -> list[str]:
+    """The 1×1 strided convolutions in ``module`` that torch's CPU backward crashes on in channels_last
+    (see ``_CPU_CHANNELS_LAST_MIN_CHANNELS``), as ``name: layer`` lines; empty when the layout is safe."""
+    found = []
+    for name, layer in module.named_modules():
+        if not isinstance(layer, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+            continue
+        narrow = layer.out_channels if isinstance(layer, torch.nn.ConvTranspose2d) else layer.in_channels
+        if tuple(layer.kernel_size) == (1, 1) and max(layer.stride) > 1 and narrow < _CPU_CHANNELS_LAST_MIN_CHANNELS:
+            found.append(f"{name}: {layer}")
+    return found
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; the message names the offending term and the last usable checkpoint."""
 
@@ -253,6 +276,13 @@ class StructVAE(LightningModule):
             return
         on_cuda = self.trainer.strategy.root_device.type == "cuda"
         if self.channels_last or (self.channels_last is None and on_cuda):
+            hazards = [] if on_cuda else cpu_channels_last_hazards(self)
+            if hazards:
+                raise UnsupportedLayoutError(
+                    f"channels_last on CPU: torch's CPU backward of a 1×1 stride-2 convolution with fewer than "
+                    f"{_CPU_CHANNELS_LAST_MIN_CHANNELS} channels on its image side crashes the process ({hazards[0]}"
+                    f"{f' and {len(hazards) - 1} more' if len(hazards) > 1 else ''}); use "
+                    "--model.channels_last=false, or widths of at least 16 channels")
             self.to(memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------------------- resumption

@@ -1,8 +1,11 @@
-"""The host allocator setting of structvae's commands: it takes effect (fewer page faults on reused memory), can
-be switched off, refuses a wrong value with one line, and is applied by the commands, not by library calls."""
+"""The host allocator setting of structvae's commands: the caching allocator keeps every tensor's bytes intact while
+it reuses, splits and merges blocks (checked against the live tensors' contents), glibc's keep policy cuts page
+faults, a build failure falls back to keep with one warning, a wrong value is refused with one line, and the
+commands apply it while library calls do not."""
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -56,12 +59,30 @@ def test_keep_reuses_freed_blocks_instead_of_faulting_in_fresh_pages():
     assert kept_faults < system_faults / 2
 
 
-def test_choice_defaults_to_keep_and_accepts_system(monkeypatch):
+def test_choice_defaults_to_cache_and_accepts_the_others(monkeypatch):
     monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+    assert host_memory.host_allocator_choice() == "cache"
+    monkeypatch.setenv(host_memory.ENV_VAR, "Keep")
     assert host_memory.host_allocator_choice() == "keep"
     monkeypatch.setenv(host_memory.ENV_VAR, "System")
     assert host_memory.host_allocator_choice() == "system"
-    assert host_memory.configure_host_allocator() is False  # nothing to do
+    assert host_memory.configure_host_allocator() == "system"  # nothing to do
+
+
+def test_a_cache_that_cannot_be_built_falls_back_to_keep_with_one_warning(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("Error building extension 'structvae_host_allocator'\nc++: not found")
+
+    kept = []
+    monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+    monkeypatch.setattr(host_memory, "_caching_library", no_compiler)
+    monkeypatch.setattr(host_memory, "keep_freed_host_memory", lambda: kept.append(1) or True)
+    with pytest.warns(RuntimeWarning) as record:
+        assert host_memory.configure_host_allocator() == "keep"
+    assert len(record) == 1 and kept == [1]
+    assert str(record[0].message) == ("structvae's host caching allocator could not be built (Error building "
+                                      "extension 'structvae_host_allocator'); using glibc's heap instead "
+                                      "(set STRUCTVAE_HOST_ALLOCATOR=keep to skip the build)")
 
 
 def test_a_wrong_choice_is_one_line_from_the_command():
@@ -70,18 +91,93 @@ def test_a_wrong_choice_is_one_line_from_the_command():
                          env=env, check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "structvae: error: STRUCTVAE_HOST_ALLOCATOR='jemalloc': use 'keep' (reuse freed host memory, the default) "
-        "or 'system' (the C library's own policy)"]
+        "structvae: error: STRUCTVAE_HOST_ALLOCATOR='jemalloc': use 'cache' (structvae's caching allocator, the "
+        "default), 'keep' (glibc keeps freed memory) or 'system' (the C library's own policy)"]
 
 
 def test_commands_configure_the_allocator_but_library_calls_do_not(monkeypatch):
     from structvae import cli
 
     calls = []
-    monkeypatch.setattr(host_memory, "configure_host_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(host_memory, "configure_host_allocator", lambda: calls.append(1) or "cache")
     monkeypatch.setattr(cli, "_lightning_cli", lambda argv: 0)
     monkeypatch.setattr(sys, "argv", ["structvae", "fit"])
     assert cli.main(["fit"]) == 0
     assert calls == []  # a notebook's or a test's process is left alone
     assert cli.main() == 0
     assert calls == [1]
+
+
+# Installs the caching allocator, then checks its bookkeeping and every live tensor's bytes through a random
+# sequence of allocations and frees (1-40 MiB: splits and merges), small tensors, a DataLoader that forks
+# workers allocating large tensors, and a training step that must match the one before the install.
+_CACHE_PROBE = textwrap.dedent("""
+    import json, random, torch
+    from structvae import host_memory as hm
+    MiB, GRANULE = 1 << 20, hm.CACHE_GRANULE
+    def rounded(t):
+        return -(-t.numel() * t.element_size() // GRANULE) * GRANULE
+    def step():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 3, 1))
+        loss = net(torch.rand(8, 3, 96, 96)).square().mean()
+        loss.backward()
+        return [loss.item()] + [p.grad.double().sum().item() for p in net.parameters()]
+    report = {"before": step(), "installed": hm.cache_host_memory(), "again": hm.cache_host_memory()}
+    report["after"] = step()
+    hm.release_cached_host_memory()
+    stats = hm.host_memory_stats()
+    report["empty"] = [stats.allocated, stats.reserved]
+
+    big = torch.empty(64 * MiB // 4)  # one 64 MiB segment, then two halves of it, then the whole again
+    del big
+    a, b = torch.empty(30 * MiB // 4), torch.empty(30 * MiB // 4)
+    report["split"] = hm.host_memory_stats().reserved // MiB
+    del a, b
+    c = torch.empty(64 * MiB // 4)
+    report["merged"] = hm.host_memory_stats().reserved // MiB
+    del c
+    small = torch.ones(100_000)  # 400 kB: the C library's
+    report["small"] = hm.host_memory_stats().allocated
+
+    rng, live, corrupt, mismatch = random.Random(0), {}, 0, 0
+    for i in range(400):
+        if live and rng.random() < 0.45:
+            live.pop(rng.choice(sorted(live)))
+        else:
+            live[i] = torch.full((rng.randint(MiB // 4, 40 * MiB // 4),), float(i))
+        if i % 20 == 0:
+            corrupt += sum(int((t != k).any()) for k, t in live.items())
+            mismatch += hm.host_memory_stats().allocated != sum(rounded(t) for t in live.values())
+    report["corrupt"], report["mismatch"] = corrupt, mismatch
+    live.clear()
+    stats = hm.host_memory_stats()
+    report["drained"] = [stats.allocated, stats.peak_reserved >= stats.peak_allocated > 0]
+    report["released"] = hm.release_cached_host_memory() == stats.reserved and hm.host_memory_stats().reserved == 0
+
+    class Big(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+        def __getitem__(self, i):
+            return torch.full((2 * MiB,), float(i))  # 8 MiB: the cache, in a forked worker
+    loader = torch.utils.data.DataLoader(Big(), batch_size=2, num_workers=2, multiprocessing_context="fork")
+    report["workers"] = [float(batch[:, 0].sum()) for batch in loader]
+    print(json.dumps(report))
+""")
+
+
+@glibc_only
+def test_the_cache_reuses_splits_and_merges_blocks_and_keeps_every_tensor_intact():
+    out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["installed"] is True and report["again"] is False
+    assert report["after"] == report["before"]  # a training step's loss and gradients, bit for bit
+    assert report["empty"] == [0, 0]
+    assert report["split"] == 64  # both 30 MiB tensors came out of the freed 64 MiB segment
+    assert report["merged"] == 64  # freed, the halves merged back into one block that fits 64 MiB again
+    assert report["small"] == 0
+    assert report["corrupt"] == 0 and report["mismatch"] == 0
+    assert report["drained"] == [0, True] and report["released"] is True
+    assert report["workers"] == [1.0, 5.0, 9.0, 13.0]

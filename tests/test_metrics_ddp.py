@@ -128,6 +128,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         split_of = {"test": TEST_SPLIT}  # any non-None value: shard everything
         result = evaluate(torch.load(Path(tmp) / "data.pt"), rank, split_of, Path(tmp) / "ddp_cache")
         torch.save(result, Path(tmp) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears its connections down while the other still uses them
     finally:
         dist.destroy_process_group()
 

@@ -68,6 +68,7 @@ def _rank(rank: int, port: int, out: str) -> None:
             loss = ddp(_data()[rank * PER_RANK:(rank + 1) * PER_RANK])
             loss.backward()
             torch.save({"loss": loss.detach(), "grads": _grads(ddp)}, f"{out}/rank{rank}_{damping}.pt")
+        dist.barrier()  # no rank tears its connections down while the other still uses them
     finally:
         dist.destroy_process_group()
 

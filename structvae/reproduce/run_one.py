@@ -86,5 +86,5 @@ if __name__ == "__main__":
         sys.exit(2)
     from structvae.host_memory import configure_host_allocator
 
-    configure_host_allocator()  # a process of its own, like `structvae fit`: reuse freed host memory
+    configure_host_allocator()  # a process of its own, like `structvae fit`: cache freed host memory
     run(Path(sys.argv[1]))

@@ -3,17 +3,18 @@
 With glibc's defaults every tensor above the (dynamic, at most 32 MiB) mmap threshold gets fresh pages from
 the kernel and gives them back when freed. A CPU training step at 218×178 allocates and frees ~830 tensors of
 1 MiB or more, 84 GB in all, so the kernel zeroes and maps tens of gigabytes of pages every step: measured
-44 % of the step (SOS-VAE's residual model, batch 25, 2 threads; ``benchmarks/train_step.py``, ``torch`` vs
-``torch+keep``), and 2.4× on a lone 250 MB add. Three policies, chosen by ``$STRUCTVAE_HOST_ALLOCATOR``:
+52 % of the step (SOS-VAE's residual model, batch 25, 2 threads; ``benchmarks/train_step.py``, ``torch`` vs
+``torch+cache``: 2.08× faster), and 2.4× on a lone 250 MB add. Three policies, chosen by ``$STRUCTVAE_HOST_ALLOCATOR``:
 
 * ``cache`` (the default): :func:`cache_host_memory` installs structvae's caching allocator
   (``csrc/host_caching_allocator.cpp``) for CPU tensors of 1 MiB or more: best fit, split and coalesce inside
   segments that the process keeps, CUDA's scheme for host memory. It is compiled on first use (a C++ compiler,
-  ~2 s, cached by ``torch.utils.cpp_extension``); where that fails the command warns once and uses ``keep``.
+  ~5 s, cached by ``torch.utils.cpp_extension``); where that fails the command warns once and uses ``keep``.
   Outside Linux and macOS (its source is POSIX) commands use ``system``.
 * ``keep``: :func:`keep_freed_host_memory` makes glibc serve blocks up to 1 GiB from its heap and never trim
   it. About as fast, but glibc's heap fragments: over three steps of the checkpointed 218×178 model it grows
-  by 8.5 GB where ``cache`` grows by 4.6 GB, for live tensors that peak at 4.0 GB.
+  by 7.7 GB where ``cache`` grows by 4.6 GB (0.74× and 0.44× of the torch port's peak), for live tensors
+  that peak at 4.0 GB.
 * ``system``: the C library's own policy; the least memory, the most page faults.
 
 Either way the memory a step used stays with the process until it exits (``cache``:

@@ -134,8 +134,8 @@ class ResidualDecoder(ImageDecoder):
         widths, blocks_per_width: as the encoder (give the encoder's order; the decoder mirrors it).
         checkpoint_blocks: recompute each residual block and the last 1×1 convolution in the backward
             pass instead of storing their activations (:func:`run_layers`). Both networks checkpointed,
-            as the native experiments do: 0.35× the step's peak memory at 218×178 (glibc's allocator)
-            for about the same step time; +34 % step time at 64×64. The recomputation leaves the batch
+            as the native experiments do, with the caching host allocator: 0.40× the step's peak memory at
+            218×178 for 1.32× its time; at 64×64 0.41× for +31 % (``benchmarks/train_step.py``, README). The recomputation leaves the batch
             norms' running statistics alone, so they match an uncheckpointed step.
     """
 

@@ -105,6 +105,12 @@ def _caching_library() -> ctypes.CDLL:
     return lib
 
 
+def _installed_library() -> ctypes.CDLL | None:
+    """The allocator's library once it has been loaded, else None: queries never build it (it cannot be
+    installed without having been loaded)."""
+    return _caching_library() if _caching_library.cache_info().currsize else None
+
+
 def cache_host_memory() -> bool:
     """Install structvae's caching allocator for CPU tensors (the ``cache`` policy); True if this call
     installed it, False if it already was. Raises the build's error where it cannot be compiled.
@@ -127,18 +133,20 @@ class HostMemoryStats:
 def host_memory_stats() -> HostMemoryStats:
     """The ``cache`` allocator's counters (zeros when it is not installed; it counts blocks of ≥ 1 MiB)."""
     out = (ctypes.c_size_t * 4)()
-    _caching_library().structvae_host_allocator_stats(out)
+    if _installed_library() is not None:
+        _installed_library().structvae_host_allocator_stats(out)
     return HostMemoryStats(*out)
 
 
 def reset_peak_host_memory_stats() -> None:
     """Start the peaks of :func:`host_memory_stats` again from the current values."""
-    _caching_library().structvae_host_allocator_reset_peaks()
+    if _installed_library() is not None:
+        _installed_library().structvae_host_allocator_reset_peaks()
 
 
 def release_cached_host_memory() -> int:
     """Give the ``cache`` allocator's wholly free segments back to the system; returns the bytes released."""
-    return int(_caching_library().structvae_host_allocator_release())
+    return 0 if _installed_library() is None else int(_installed_library().structvae_host_allocator_release())
 
 
 def configure_host_allocator() -> str:

@@ -170,27 +170,27 @@ class CachingHostAllocator final : public c10::Allocator {
   void give_back(Block* block) {
     block->free = true;
     if (block->next != nullptr && block->next->free) {
-      Block* next = block->next;
-      free_.erase(next);
-      block->size += next->size;
-      block->next = next->next;
-      if (next->next != nullptr) {
-        next->next->prev = block;
-      }
-      delete next;
+      block = absorb_next(block);
     }
     if (block->prev != nullptr && block->prev->free) {
-      Block* prev = block->prev;
-      free_.erase(prev);
-      prev->size += block->size;
-      prev->next = block->next;
-      if (block->next != nullptr) {
-        block->next->prev = prev;
-      }
-      delete block;
-      block = prev;
+      block = absorb_next(block->prev);
     }
     free_.insert(block);
+  }
+
+  // `left` takes in its right-hand neighbour, both free. Whichever of them is in the free set leaves it
+  // before its size (the set's key) changes; erasing the one that is not is a no-op (addresses are unique).
+  Block* absorb_next(Block* left) {
+    Block* right = left->next;
+    free_.erase(left);
+    free_.erase(right);
+    left->size += right->size;
+    left->next = right->next;
+    if (right->next != nullptr) {
+      right->next->prev = left;
+    }
+    delete right;
+    return left;
   }
 
   void report(void* ptr, int64_t delta) {

@@ -132,3 +132,40 @@ def test_reproduce_edits_the_resolved_config(paper: str, tmp_path) -> None:
         assert callbacks == ["MeanOnlyWarmup"] * bool(expected[-1]) + ["ParzenMonitor"], experiment.key
         assert config["seed_everything"] == 3 and config["data"]["init_args"]["split"] == "test_file"
         assert config["data"]["init_args"]["batch_size"] == b.batch_size
+
+
+# Every ξ_H (and entropy floor) a config comment quotes, against eq. (2) of structvae.distributions.gaussian_entropy
+# at the setting the comment is about, file → (S, R, ε); the variance target is read from the file itself.
+XI_H_SETTINGS = {
+    "model/objective/mdmm_sos_celeba64.yaml": (64 * 64 * 3, 25, 1e-5),  # "with lowrank_r25 at 64×64×3"
+    "experiment/sosvae_celeba_gray64.yaml": (64 * 64, 25, 1e-5),
+    "experiment/sosvae_celeba_native.yaml": (218 * 178 * 3, 25, 1e-5),
+}
+QUOTED_NATS = re.compile(r"(ξ_H|floor)[^−\-\d\n]{0,40}?([−-]\d{1,3}(?:,\d{3})*(?:\.\d+)?)")
+
+
+def _find_key(node: object, key: str) -> object:
+    if isinstance(node, dict):
+        if key in node:
+            return node[key]
+        node = list(node.values())
+    for child in node if isinstance(node, list) else []:
+        if (found := _find_key(child, key)) is not None:
+            return found
+    return None
+
+
+def test_quoted_entropy_targets_match_the_formula() -> None:
+    """Issue #21, item 12: mdmm_sos_celeba64.yaml said ξ_H = −53,288.5; eq. (2) gives −53,137.7."""
+    from structvae.distributions.gaussian_entropy import entropy_floor, lowrank_entropy_at_variance
+
+    quoting = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if QUOTED_NATS.search(p.read_text())}
+    assert quoting == set(XI_H_SETTINGS)  # a new quoted value gets a row here
+    for name, (S, R, eps) in XI_H_SETTINGS.items():
+        text = (CONFIGS / name).read_text()
+        exact = {"ξ_H": lowrank_entropy_at_variance(S, R, eps, _find_key(yaml.safe_load(text), "variance_target")),
+                 "floor": entropy_floor((S,), eps)}
+        for what, number in QUOTED_NATS.findall(text):
+            quoted = float(number.replace("−", "-").replace(",", ""))
+            decimals = len(number.partition(".")[2])
+            assert abs(quoted - exact[what]) <= 0.5 * 10**-decimals, f"{name}: {what} {number} ≠ {exact[what]:,.1f}"

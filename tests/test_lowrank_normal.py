@@ -440,6 +440,30 @@ def test_failed_cholesky_raises_when_validating():
     assert not bool(torch.isfinite(unchecked.entropy()))
 
 
+@pytest.mark.parametrize("d_kind", ["scalar", "vector"])
+def test_failed_cholesky_without_validation_is_nan_not_an_exception(d_kind):
+    """Issue #21, item 5: a singular capacitance in training (no validation) gives NaN log_prob, entropy and
+    gradients for that item only — the non-finite stop's signal — where cholesky_inverse used to raise a
+    _LinAlgError in the backward pass; the healthy item matches the dense fp64 Gaussian."""
+    gen = torch.Generator().manual_seed(21)
+    S, R = 12, 3
+    P = torch.randn(2, S, R, generator=gen)
+    P[1] = 1e4  # equal columns: I + PᵀP/ε is singular in fp32
+    P.requires_grad_(True)
+    D = 1e-3 if d_kind == "scalar" else torch.full((2, S), 1e-3, requires_grad=True)
+    x = torch.randn(2, S, generator=gen)
+    dist = LowRankMultivariateNormal(torch.zeros(2, S), P, D, validate_args=False)
+    log_prob, entropy = dist.log_prob(x), dist.entropy()
+    (log_prob.sum() + entropy.sum()).backward()  # raised torch._C._LinAlgError before
+    assert bool(log_prob[1].isnan()) and bool(entropy[1].isnan()) and bool(P.grad[1].isnan().all())
+    ref = MultivariateNormal(torch.zeros(S, dtype=F64), dense_cov(P[0].detach().double(), 1e-3))
+    assert rel_err(log_prob[0].double(), ref.log_prob(x[0].double())) < 1e-5
+    assert rel_err(entropy[0].double(), ref.entropy()) < 1e-5
+    assert bool(P.grad[0].isfinite().all())
+    if d_kind == "vector":
+        assert bool(D.grad[1].isnan().all()) and bool(D.grad[0].isfinite().all())
+
+
 def test_no_checks_run_without_validation():
     args = _args(
         loc=torch.full((2, 6), NAN), cov_factor=torch.full((2, 6, 2), NAN), cov_diag=torch.full((6,), -1.0)

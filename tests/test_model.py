@@ -155,6 +155,34 @@ def test_non_finite_loss_stops_with_the_term_named_and_keeps_the_checkpoint(tmp_
     assert all(torch.isfinite(p).all() for name, p in model.named_parameters() if name != "likelihood.loc.bias")
 
 
+class SingularFactorAtStep(PoisonAtStep):
+    """Makes every column of the low-rank factor P equal and huge before training step ``step``: finite
+    weights whose capacitance I + PᵀP/ε is singular in fp32 (what a too-large learning rate produced)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.likelihood.factor.weight.zero_()
+                pl_module.likelihood.factor.bias.fill_(1e4)
+
+
+def test_singular_lowrank_capacitance_takes_the_non_finite_stop(tmp_path):
+    """Issue #21, item 5: a failed Cholesky of the capacitance raised torch._C._LinAlgError from the backward
+    pass, bypassing the stop (no message, the step's checkpoint kept as a normal .ckpt)."""
+    model = small_model((1, 8, 8), likelihood=LowRankGaussianLikelihood(rank=3, epsilon=1e-3))
+    data = SyntheticImageDataModule(image_shape=(1, 8, 8), num_train=16, num_val=8, num_test=8, batch_size=8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1,
+                           filename="{step}")
+    trainer = _trainer(tmp_path, max_epochs=3, limit_val_batches=0, enable_checkpointing=True,
+                       callbacks=[ckpt, SingularFactorAtStep(3)])
+    with pytest.raises(NonFiniteLossError, match="non-finite log_likelihood, entropy at epoch 1, step 3") as err:
+        trainer.fit(model, data)
+    assert "(step 2)" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step=1.ckpt", "step=2.ckpt", "step=3.ckpt.nonfinite"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN gradients were never applied
+
+
 @pytest.mark.parametrize("make_posterior", POSTERIORS)
 @pytest.mark.parametrize("make_likelihood", [LIKELIHOODS[0], LIKELIHOODS[1], LIKELIHOODS[3]])
 def test_importance_sampled_nll_for_every_pair(make_posterior, make_likelihood):

@@ -95,7 +95,7 @@ def test_shared_factor_broadcasts_over_loc_batch():
     assert dist.rsample(noise=eps).shape == (2, 4, 75)
 
 
-@pytest.mark.parametrize("shape, k", [((1, 5, 4), 3), ((3, 6, 6), 5)])
+@pytest.mark.parametrize("shape, k", [((1, 5, 4), 3), ((3, 6, 6), 5), ((1, 5, 4), 1)])
 def test_rsample_covariance_row_and_variance_match_dense_solves(shape, k):
     loc, log_diag, off_diag = make(shape, k)
     dist = SparsePrecisionNormal(loc, log_diag, off_diag, k)
@@ -114,7 +114,7 @@ def test_rsample_covariance_row_and_variance_match_dense_solves(shape, k):
     grads = torch.autograd.grad(x.square().sum(), [loc, log_diag, off_diag])
     grads_ref = torch.autograd.grad(x_ref.square().sum(), [loc, log_diag, off_diag])
     for g, g_ref in zip(grads, grads_ref, strict=True):
-        assert rel_err(g, g_ref) < 1e-9
+        assert g.shape == g_ref.shape and (g.numel() == 0 or rel_err(g, g_ref) < 1e-9)  # k = 1, C = 1: K = 0
     for index in (0, S // 3, S - 1, -1):
         assert rel_err(dist.covariance_row(index), cov[..., index, :]) < 1e-9
     assert S <= EXACT_VARIANCE_MAX_PIXELS
@@ -221,3 +221,24 @@ def test_mean_variance_estimates_the_trace_cheaply():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert estimate.shape == (3,) and dist._variance is None  # the 64-draw marginals were not computed
     assert ((estimate - exact).abs() / exact).max() < 0.1
+
+
+def test_one_channel_with_kernel_size_one_is_the_diagonal_gaussian():
+    """Issue #21, item 10: C = 1, k = 1 has no off-diagonal slot (K = 0); rsample, covariance_row, variance
+    and mean_variance raised (reshape of an empty tensor). L is diagonal: Λ⁻¹ = diag(exp(−2 log Lᵢᵢ))."""
+    for shape in ((1, 5, 4), (1, 17, 16)):  # S = 20 (exact variance), 272 > EXACT_VARIANCE_MAX_PIXELS (probes)
+        loc, log_diag, off_diag = make(shape, 1, grad=False)
+        assert off_diag.shape[-3] == 0
+        dist = SparsePrecisionNormal(loc, log_diag, off_diag, 1)
+        S = math.prod(shape)
+        L = dist.dense_precision_factor()
+        cov = torch.cholesky_inverse(torch.linalg.cholesky(L @ L.mT))  # dense fp64 reference
+        eps = torch.randn(2, S, dtype=F64, generator=torch.Generator().manual_seed(1))
+        x_ref = loc.flatten(1) + torch.stack([torch.linalg.solve(a, e) for a, e in zip(L.mT, eps, strict=True)])
+        assert rel_err(dist.rsample(noise=eps), x_ref) < 1e-12
+        assert dist.rsample((3,)).shape == (3, 2, S)
+        assert rel_err(dist.covariance_row(S // 2), cov[:, S // 2]) < 1e-12
+        # Rademacher probes are exact for a diagonal Λ⁻¹, so the large-S estimate must match too
+        assert rel_err(dist.mean_variance(), cov.diagonal(dim1=-2, dim2=-1).mean(-1)) < 1e-12
+        if S <= EXACT_VARIANCE_MAX_PIXELS:
+            assert rel_err(dist.variance, cov.diagonal(dim1=-2, dim2=-1)) < 1e-12

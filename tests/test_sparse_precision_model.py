@@ -151,3 +151,55 @@ def test_off_diagonal_bound_keeps_the_precision_well_conditioned():
     assert (q.variance.amax(-1) > 10 * sigma_max_sq / (1 - rho) ** 2).all()
     with pytest.raises(ValueError, match="off_diagonal_bound"):
         SparsePrecisionLikelihood(off_diagonal_bound=1.0)
+
+
+def test_kernel_size_one_head_on_one_channel_has_no_off_diagonal_head():
+    """Issue #21, item 10: kernel_size=1 on a grayscale image built a 0-channel Conv2d whose forward raised;
+    now the head has no off-diagonal part and gives the pixel-independent Gaussian, training included."""
+    head = SparsePrecisionLikelihood(kernel_size=1).build(8, (1, 6, 5))
+    assert head.off_diagonal is None
+    names = {n for n, prm in head.named_parameters() if any(prm is v for v in head.variance_parameters())}
+    assert names == {"scale.weight", "scale.bias"}
+    p = head(torch.randn(2, 8, 6, 5), validate_args=True)
+    assert p.off_diag.shape == (2, 1, 0, 6, 5)
+    x = torch.rand(2, 30)
+    sigma = (-p.log_diag).exp().flatten(1).double()
+    reference = torch.distributions.Normal(p.mean.double(), sigma).log_prob(x.double()).sum(-1)  # dense diagonal fp64
+    assert torch.allclose(p.log_prob(x).double(), reference, rtol=1e-6)
+    assert torch.allclose(p.variance.double(), sigma.square(), rtol=1e-6)
+    assert p.rsample((3,)).shape == (3, 2, 30) and head.pixel_variance(p).shape == (2,)
+    p.log_prob(x).sum().backward()
+    assert head.scale.weight.grad.abs().sum() > 0
+    assert set(head.diagnostics(p)) == {"pixel_variance", "conditional_variance"}  # no off-diagonal to average
+
+
+def _dense_local_pattern(shape: tuple[int, int, int], k: int) -> torch.Tensor:
+    """[S, S] bool, in the flat (c, h, w) order: (i, j) is an entry of L when value i comes after value j in
+    raster order over (pixel, channel) and its pixel lies in the k×k window of j's (Dorta et al.'s pattern)."""
+    C, H, W = shape
+    c, h, w = (t.flatten() for t in torch.meshgrid(torch.arange(C), torch.arange(H), torch.arange(W), indexing="ij"))
+    raster = (h * W + w) * C + c
+    near = ((h[:, None] - h[None]).abs() <= k // 2) & ((w[:, None] - w[None]).abs() <= k // 2)
+    return near & (raster[:, None] > raster[None])
+
+
+@pytest.mark.parametrize("shape, k", [((3, 5, 4), 3), ((2, 4, 5), 1), ((1, 5, 5), 3)])
+def test_diagnostics_average_the_entries_of_L_relative_to_their_column(shape, k):
+    """Issue #21, item 11: diagnostics() divided by log_diag.exp().unsqueeze(-4), which crashed for colour
+    images (C = 3) and divided by the wrong diagonal for C = 2, k = 1; slots outside the image were averaged
+    too. Reference: mean |L_ij|/L_jj over the entries of the dense L, and mean 1/L_jj²."""
+    torch.manual_seed(0)
+    head = SparsePrecisionLikelihood(kernel_size=k).build(6, shape)
+    with torch.no_grad():
+        head.off_diagonal.weight.normal_(0, 0.3)  # zero-initialised: make the off-diagonal part non-trivial
+        head.off_diagonal.bias.normal_(0, 0.3)
+        p = head(torch.randn(2, 6, *shape[1:]))
+    out = head.diagnostics(p)
+    L = p.dense_precision_factor().double()  # [B, S, S]
+    diag = L.diagonal(dim1=-2, dim2=-1)
+    pattern = _dense_local_pattern(shape, k)
+    relative = (L / diag.unsqueeze(-2)).abs()[:, pattern]  # |L_ij| / L_jj
+    assert float(out["relative_off_diagonal"]) == pytest.approx(relative.mean().item(), rel=1e-5)
+    assert float(out["conditional_variance"]) == pytest.approx(diag.pow(-2).mean().item(), rel=1e-5)
+    # the pattern is exactly where L may be non-zero
+    assert not L[:, ~pattern & ~torch.eye(L.shape[-1], dtype=torch.bool)].any()

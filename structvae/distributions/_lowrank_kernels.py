@@ -77,7 +77,8 @@ class LowRankGaussianTerms(torch.autograd.Function):
 
     Inputs (compute dtype): ``P`` [n, S, R]; ``D`` 0-dim (eps) or [n, S]; ``r = x - mu`` as columns
     [n, S, N] or None; ``L`` [n, R, R] a cached Cholesky factor of C or None; ``check`` raises on a
-    failed Cholesky. Outputs: ``logdet_C`` [n], ``maha`` [n, N], ``L`` (non-differentiable).
+    failed Cholesky (otherwise the failed items' ``logdet_C``, ``maha`` and gradients are NaN, no sync).
+    Outputs: ``logdet_C`` [n], ``maha`` [n, N], ``L`` (non-differentiable).
 
     The quadratic form is evaluated as ``||D^-1/2 (r - P a)||^2 + ||a||^2`` with ``a = C^-1 P^T D^-1 r``
     instead of the textbook ``r^T D^-1 r - ||L^-1 P^T D^-1 r||^2``: both are equal, but the textbook form
@@ -118,6 +119,15 @@ class LowRankGaussianTerms(torch.autograd.Function):
                     "cov_factor failed: cov_factor/cov_diag are too ill-conditioned for "
                     f"{P.dtype} (e.g. duplicated columns of cov_factor with a tiny cov_diag)"
                 )
+            # A failed factorisation (a too-large step left C numerically singular or non-finite) must reach
+            # the caller as NaN, which the training loop's non-finite stop records on the device, not as a
+            # LAPACK exception (cholesky_inverse refuses a zero pivot) and not through a host sync: the
+            # failed items' factor becomes I, so every later solve is defined, and their outputs and
+            # gradients become NaN.
+            failed = info != 0  # [n], on the device
+            L = torch.where(failed[:, None, None], torch.eye(R, dtype=L.dtype, device=L.device), L)
+        else:
+            failed = None  # a cached factor: its log|C| was already NaN where it failed
         logdet_c = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         a = v = None
         if r is not None:
@@ -128,9 +138,12 @@ class LowRankGaussianTerms(torch.autograd.Function):
             maha = (res * v).sum(-2) + a.square().sum(-2)
         else:
             maha = P.new_zeros(n, 0)
+        if failed is not None:
+            logdet_c = logdet_c.masked_fill(failed, math.nan)
+            maha = maha.masked_fill(failed[:, None], math.nan)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(L)
-        ctx.save_for_backward(P, D, L, a, v)
+        ctx.save_for_backward(P, D, L, a, v, failed)
         return logdet_c, maha, L
 
     @staticmethod
@@ -144,7 +157,7 @@ class LowRankGaussianTerms(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, g_ld: Tensor | None, g_maha: Tensor | None) -> tuple[Tensor | None, ...]:
-        P, D, L, a, v = ctx.saved_tensors
+        P, D, L, a, v, failed = ctx.saved_tensors
         need_p, need_d, need_r = ctx.needs_input_grad[:3]
         scalar = D.dim() == 0
         if a is None or (g_maha is not None and g_maha.numel() == 0):
@@ -188,6 +201,11 @@ class LowRankGaussianTerms(torch.autograd.Function):
                 g_d = torch.zeros_like(D)
         if need_r and g_maha is not None:
             g_r = v * (2.0 * g_maha).unsqueeze(-2)
+        if failed is not None:  # the stand-in factor I gives finite but meaningless gradients: NaN instead
+            g_p = None if g_p is None else g_p.masked_fill(failed[:, None, None], math.nan)
+            g_r = None if g_r is None else g_r.masked_fill(failed[:, None, None], math.nan)
+            if g_d is not None:
+                g_d = g_d.masked_fill(failed.any() if scalar else failed[:, None], math.nan)
         return g_p, g_d, g_r, None, None
 
 

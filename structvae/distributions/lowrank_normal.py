@@ -67,8 +67,9 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
 
     ``batch_shape`` is the broadcast batch shape, ``event_shape = (S,)``. ``validate_args`` follows torch:
     when true, non-finite or non-positive parameters, ``R > S`` and a failed Cholesky raise ``ValueError``
-    naming the argument; when false no value check (and no device sync) runs. Shape errors that would make
-    the batch shape undefined always raise (they cost nothing).
+    naming the argument; when false no value check (and no device sync) runs, and an item whose Cholesky
+    fails gets NaN log_prob, entropy and gradients (the training loop's non-finite signal). Shape errors
+    that would make the batch shape undefined always raise (they cost nothing).
 
     The capacitance Cholesky factor is computed lazily and shared by ``log_prob`` and ``entropy``; as with
     ``torch.distributions.LowRankMultivariateNormal``, one instance belongs to one autograd graph.

@@ -146,12 +146,18 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
         """L's off-diagonal slots broadcast to [*batch_shape, C, K, H, W] (a view)."""
         return self._off_diag.expand(self.batch_shape + self._off_diag.shape[-4:])
 
+    @property
+    def entry_mask(self) -> Tensor:
+        """[C, K, H, W] bool on ``loc``'s device: which ``off_diag`` slots are entries of L (the others point
+        outside the image or past the last channel and are ignored)."""
+        return self._stencil.entries()[0].to(self.loc.device)
+
     def _params(self, batch: torch.Size) -> tuple[Tensor, Tensor]:
         """(log_diag [n, C, H, W], off_diag [n, C, K, H, W]) in the compute dtype over ``batch`` flattened."""
-        cdt = self._compute_dtype
-        ld = self._log_diag.to(cdt).expand(batch + self._log_diag.shape[-3:]).reshape(-1, *self.image_shape)
+        cdt, n = self._compute_dtype, batch.numel()  # n explicit: off_diag is empty (K = 0) for C = 1, k = 1
+        ld = self._log_diag.to(cdt).expand(batch + self._log_diag.shape[-3:]).reshape(n, *self.image_shape)
         od = self._off_diag.to(cdt).expand(batch + self._off_diag.shape[-4:])
-        return ld, od.reshape(-1, *od.shape[-4:])
+        return ld, od.reshape(n, *od.shape[-4:])
 
     def _sum_log_diag(self) -> Tensor:
         return self._log_diag.to(self._compute_dtype).sum((-3, -2, -1))

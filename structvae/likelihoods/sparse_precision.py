@@ -42,7 +42,8 @@ class SparsePrecisionLikelihood(ObservationLikelihood):
     """Heads for N(μ, (LLᵀ)⁻¹), L local with a k×k neighbourhood.
 
     Args:
-        kernel_size: k, the odd side of the neighbourhood (Dorta et al.: 3 or 5); ≤ the image's sides.
+        kernel_size: k, the odd side of the neighbourhood (Dorta et al.: 3 or 5); ≤ the image's sides. With
+            k = 1 only the channels of a pixel are correlated (on one channel L is diagonal).
         min_scale: floor of the conditional standard deviation σᵢ = 1/Lᵢᵢ (bounds log p from above).
         variance_samples: draws behind the Monte-Carlo ``variance`` of p(x|z) for images of more than
             256 values; exact below.
@@ -71,17 +72,23 @@ class SparsePrecisionLikelihood(ObservationLikelihood):
         self.num_slots = num_off_diagonal(c, self.kernel_size)
         self.loc = nn.Conv2d(feature_channels, c, 3, padding=1)
         self.scale = nn.Conv2d(feature_channels, c, 3, padding=1)
-        self.off_diagonal = nn.Conv2d(feature_channels, c * self.num_slots, 3, padding=1)
-        nn.init.zeros_(self.off_diagonal.weight)  # start pixel-independent; gradients still flow to it
-        nn.init.zeros_(self.off_diagonal.bias)
+        # One channel with k = 1 has no off-diagonal slots (L is diagonal): no head, not a 0-channel convolution.
+        self.off_diagonal: nn.Conv2d | None = None
+        if self.num_slots:
+            self.off_diagonal = nn.Conv2d(feature_channels, c * self.num_slots, 3, padding=1)
+            nn.init.zeros_(self.off_diagonal.weight)  # start pixel-independent; gradients still flow to it
+            nn.init.zeros_(self.off_diagonal.bias)
 
     def forward(self, features: Tensor, validate_args: bool = False) -> SparsePrecisionNormal:
         c, h, w = self.image_shape
         scale = F.softplus(self.scale(features).float()) + self.min_scale  # fp32: log σ of bf16 loses the floor
         log_diag = -scale.log()  # [B, C, H, W]
-        relative = self.off_diagonal(features).unflatten(1, (c, self.num_slots))
-        if self.off_diagonal_bound is not None and self.num_slots:
-            relative = torch.tanh(relative) * (self.off_diagonal_bound / self.num_slots)
+        if self.off_diagonal is None:
+            relative = log_diag.new_zeros(log_diag.shape[0], c, 0, h, w)
+        else:
+            relative = self.off_diagonal(features).unflatten(1, (c, self.num_slots))
+            if self.off_diagonal_bound is not None:
+                relative = torch.tanh(relative) * (self.off_diagonal_bound / self.num_slots)
         off_diag = relative * log_diag.exp().unsqueeze(2)  # L_ij = L_jj·o_ij, [B, C, K, H, W]
         return SparsePrecisionNormal(self.loc(features), log_diag, off_diag, self.kernel_size,
                                      variance_samples=self.variance_samples, validate_args=validate_args)
@@ -111,9 +118,14 @@ class SparsePrecisionLikelihood(ObservationLikelihood):
 
     def diagnostics(self, p: SparsePrecisionNormal) -> dict[str, Tensor]:
         """Mean per-pixel variance, mean conditional variance 1/Lⱼⱼ² (the variance of a value given every value
-        after it in raster order: (Lᵀr)ⱼ = Lⱼⱼrⱼ + Σᵢ₍ᵢ>ⱼ₎ Lᵢⱼrᵢ) and the mean relative off-diagonal |Lᵢⱼ|/Lⱼⱼ."""
+        after it in raster order: (Lᵀr)ⱼ = Lⱼⱼrⱼ + Σᵢ₍ᵢ>ⱼ₎ Lᵢⱼrᵢ) and the mean relative off-diagonal |Lᵢⱼ|/Lⱼⱼ
+        over the entries of L (slots outside the image are not entries; none for one channel with k = 1)."""
         out = super().diagnostics(p)
-        log_diag = p.log_diag.detach().float()
+        log_diag = p.log_diag.detach().float()  # [B, C, H, W]
         out["conditional_variance"] = (-2 * log_diag).exp().mean()
-        out["relative_off_diagonal"] = (p.off_diag.detach().float() / log_diag.exp().unsqueeze(-4)).abs().mean()
+        mask = p.entry_mask  # [C, K, H, W]; off_diag [B, C, K, H, W] holds column j = (c, h, w) along K
+        if mask.shape[1]:  # K > 0: then some slot is an entry (k ≤ min(H, W)); no host sync
+            relative = (p.off_diag.detach().float() / log_diag.exp().unsqueeze(-3)).abs()  # L_jj over K
+            entries = mask.sum() * (relative.numel() // mask.numel())  # × the batch size
+            out["relative_off_diagonal"] = (relative * mask).sum() / entries
         return out

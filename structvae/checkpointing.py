@@ -4,6 +4,10 @@
   ``trainer.save_checkpoint``) to a temporary file in the same folder, fsyncs it and renames it over
   the final name, so a crash or a full disk never leaves a truncated file under a checkpoint's name.
   Lightning's own ``TorchCheckpointIO`` writes the final name directly (hand-written here for that).
+  The file gets the permissions of any other file the process creates (``0666`` less the umask), not
+  ``mkstemp``'s private ``0600``: a checkpoint is shared like the samples and the config beside it.
+* :func:`read_checkpoint` opens a checkpoint for ``fit --ckpt_path``, ``fid`` and ``explore``, turning a
+  missing, truncated or foreign file into one :class:`CheckpointReadError` line.
 * :func:`quarantine_checkpoints_from` renames checkpoints that hold weights which already produced a
   non-finite loss, and :func:`latest_checkpoint` names the newest one that remains.
 """
@@ -14,6 +18,7 @@ import contextlib
 import errno
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,51 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the message names the file, the cause and what to change."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint cannot be used (missing, truncated, not a torch file, not a Lightning checkpoint); the
+    message is one line naming the file and what to do."""
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The contents of the Lightning checkpoint at ``path`` (tensors memory-mapped, so this is cheap).
+
+    Raises:
+        CheckpointReadError: the file is missing, cannot be unpickled (truncated, a text file, …) or holds
+            something other than a Lightning checkpoint (e.g. a bare ``torch.save({})``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"checkpoint {path} does not exist; give the path of a *.ckpt written by "
+                                  "`structvae fit` (its run folder's checkpoints/)")
+    advice = "use a complete *.ckpt written by `structvae fit`"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has lost its directory
+        raise CheckpointReadError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint (no "
+                                  f"complete zip archive in it); {advice}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # zip reader, unpickler and mmap errors alike: the file is not a usable checkpoint
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
+        raise CheckpointReadError(f"cannot read checkpoint {path}: damaged or not a PyTorch checkpoint "
+                                  f"({reason}); {advice}") from err
+    if not isinstance(state, dict) or "state_dict" not in state or "pytorch-lightning_version" not in state:
+        raise CheckpointReadError(f"{path} is not a Lightning checkpoint (no state_dict and version in it); use a "
+                                  "*.ckpt written by `structvae fit`")
+    return state
+
+
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc (a read, safe beside other threads); elsewhere
+    ``os.umask`` can only be read by setting it, so it is set straight back."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _is_local(path: str | os.PathLike[str]) -> bool:
@@ -41,6 +91,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the checkpoint from the user's group
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -3,17 +3,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from structvae.checkpointing import AtomicCheckpointIO, CheckpointWriteError
+from structvae.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointReadError,
+    CheckpointWriteError,
+    read_checkpoint,
+)
+from structvae.config_files import check_config_files
 from structvae.data.errors import find_data_error
 from structvae.model import NonFiniteLossError, StructVAE, UnsupportedLayoutError
+from structvae.resume import IncompatibleCheckpointError, check_resumable
+from structvae.run_lock import RunFolderBusyError, lock_run_folders
+
+# ``--ckpt_path`` values Lightning resolves itself (no file to check)
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 class ConfigurationError(ValueError):
@@ -51,7 +65,35 @@ def unwritable_path_error(err: BaseException) -> OSError | None:
 
 
 class StructVAECLI(LightningCLI):
-    """LightningCLI with the data module's image shape linked into the model."""
+    """LightningCLI with the data module's image shape linked into the model, the config winning over a resumed
+    checkpoint's hyper-parameters (:mod:`structvae.resume`) and one run at a time per output folder
+    (:mod:`structvae.run_lock`).
+
+    Args:
+        resources: held until the caller closes it (the output-folder locks of ``fit``); ``None``: this CLI's
+            own, closed after ``fit``.
+    """
+
+    def __init__(self, *args: Any, resources: contextlib.ExitStack | None = None, **kwargs: Any) -> None:
+        self.resources = resources if resources is not None else contextlib.ExitStack()
+        self.resume_from: tuple[str, dict] | None = None  # (--ckpt_path, its contents) once read
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse as LightningCLI does, after checking the YAML files; read ``--ckpt_path`` now (one line if it is
+        missing or unreadable) and keep it from LightningCLI, which would parse the checkpoint's hyper-parameters
+        over this config (``before_instantiate_classes`` puts it back)."""
+        if isinstance(args, list):
+            check_config_files(args)
+        with warnings.catch_warnings():
+            # structvae always passes its command line as ``args``; LightningCLI warns whenever sys.argv has one too
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in _SPECIAL_CKPT_PATHS and not str(ckpt_path).startswith("registry:"):
+            self.resume_from = (str(ckpt_path), read_checkpoint(ckpt_path))
+            self.config[subcommand]["ckpt_path"] = None
 
     def add_arguments_to_parser(self, parser) -> None:
         target = "model.init_args.image_shape" if self.subclass_mode_model else "model.image_shape"
@@ -87,24 +129,61 @@ class StructVAECLI(LightningCLI):
         if check is not None:
             check(stage)
 
+    def _check_resume(self, verb: str) -> None:
+        # before anything is written: a checkpoint of another model is refused, changed settings are named
+        if self.resume_from is None:
+            return
+        path, checkpoint = self.resume_from
+        data_hparams = getattr(self.datamodule, "hparams", None)
+        changes = check_resumable(checkpoint, self.model, path, dict(data_hparams) if data_hparams else None)
+        self.resume_from = (path, {})  # the memory-mapped contents are not needed any more
+        where = f"{path} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')})"
+        if changes:
+            rank_zero_info(f"[structvae] {verb} {where} with this config's settings where they differ from the "
+                           f"checkpoint's: {'; '.join(changes)}")
+        else:
+            rank_zero_info(f"[structvae] {verb} {where}")
+
+    def _describe_data(self) -> None:
+        describe = getattr(self.datamodule, "describe", None)
+        if describe is not None:
+            rank_zero_info(f"[structvae] data: {describe()}")
+
     def before_fit(self) -> None:
-        """Before training: the data files exist and the output folders are writable."""
+        """Before training: the data files exist, a resumed checkpoint fits this config, the output folders are
+        writable and no other run writes into them (the lock is held until the run ends)."""
         self._check_data("fit")
+        self._describe_data()
+        self._check_resume("resuming")
         _check_writable(self.trainer)
+        if rank_zero_only.rank == 0:  # DDP's other ranks write no files (and would wait on rank 0's lock)
+            lock_run_folders(self.trainer, self.resources)
+
+    def after_fit(self) -> None:
+        """Print where the run's files are (rank 0) and release the output folders."""
+        self._report_outputs()
+        self.resources.close()
 
     def before_validate(self) -> None:
-        """Before validating: the data files ``validate`` reads exist."""
+        """Before validating: the data files ``validate`` reads exist and a checkpoint fits this config."""
         self._check_data("validate")
+        self._describe_data()
+        self._check_resume("validating")
 
     def before_test(self) -> None:
-        """Before testing: the data files ``test`` reads exist."""
+        """Before testing: the data files ``test`` reads exist and a checkpoint fits this config."""
         self._check_data("test")
+        self._describe_data()
+        self._check_resume("testing")
+
     def before_instantiate_classes(self) -> None:
+        if self.resume_from is not None:  # hidden from LightningCLI's hyper-parameter merge: back for the trainer
+            self.config[self.subcommand]["ckpt_path"] = self.resume_from[0]
         if self.subcommand == "fit":
             trainer = self.config.fit.trainer
             trainer.precision = fast_precision(trainer.precision, trainer.accelerator)
 
-    def after_fit(self) -> None:
+    def _report_outputs(self) -> None:
         """Print where the run folder, checkpoints, last image grid and W&B run are (rank 0)."""
         from structvae.callbacks import ImageGridLogger, run_dir
         from structvae.loggers import AutoWandbLogger
@@ -145,14 +224,10 @@ def _check_writable(trainer) -> None:
 
 
 def fast_precision(precision: str | int | None, accelerator: object) -> str | int | None:
-    """Training precision when none was given: ``bf16-mixed`` on a CUDA GPU with bf16 (the
-    likelihood's R×R algebra stays fp32 under autocast), else Lightning's default (fp32). An
-    explicit ``trainer.precision`` (YAML or ``--trainer.precision=32-true``) is kept."""
-    import torch
-
-    cuda = accelerator in ("auto", "gpu", "cuda", None) and torch.cuda.is_available()
-    if precision is None and cuda and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
+    """Training precision when none was given: Lightning's default (fp32) everywhere. ``bf16-mixed`` (the
+    likelihood's R×R algebra stays fp32 under autocast) is opt-in, ``--trainer.precision=bf16-mixed``, until
+    ``make gpu-check`` has passed on a device: no CUDA run has yet checked that it trains like fp32. An
+    explicit ``trainer.precision`` is kept."""
     return precision
 
 
@@ -222,21 +297,30 @@ def resolved_config(path: str | Path, *overrides: str) -> dict:
     return yaml.safe_load(printed.getvalue())
 
 
-def build_cli(argv: list[str], run: bool = True) -> StructVAECLI:
-    """The LightningCLI for ``argv`` (``run=False``: parse and instantiate, but do not run)."""
+def build_cli(argv: list[str], run: bool = True, resources: contextlib.ExitStack | None = None) -> StructVAECLI:
+    """The LightningCLI for ``argv`` (``run=False``: parse and instantiate, but do not run); ``resources``
+    receives what the run holds until the caller closes it (the output-folder locks)."""
     if config_selects_model_class(argv):
         from lightning.pytorch import LightningModule
 
         return StructVAECLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                             args=argv, run=run, trainer_defaults=trainer_defaults(),
-                            save_config_kwargs={"overwrite": True})
+                            save_config_kwargs={"overwrite": True}, resources=resources)
     return StructVAECLI(StructVAE, LightningDataModule, subclass_mode_data=True, args=argv, run=run,
-                        trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True})
+                        trainer_defaults=trainer_defaults(), save_config_kwargs={"overwrite": True},
+                        resources=resources)
 
 
 def _lightning_cli(argv: list[str]) -> int:
     try:
-        build_cli(argv)
+        with contextlib.ExitStack() as resources:  # a failed run releases its output folders too
+            build_cli(argv, resources=resources)
+    except (CheckpointReadError, RunFolderBusyError) as err:
+        print(f"structvae: error: {err.strerror if isinstance(err, OSError) else err}", file=sys.stderr)
+        return 1
+    except IncompatibleCheckpointError as err:  # a config that does not fit the checkpoint: a setting
+        print(f"structvae: error: {err}", file=sys.stderr)
+        return 2
     except NonFiniteLossError as err:
         print(f"structvae: error: {err}", file=sys.stderr)
         return 1

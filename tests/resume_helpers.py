@@ -37,3 +37,17 @@ class StepRecorder(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(pl_module.state_dict(), self.path + ".weights.pt")
+
+
+class SettingsRecorder(Callback):
+    """Writes, as JSON to ``path`` when training starts (after the checkpoint is restored): each optimizer
+    param group's ``lr`` by group name and the objective's constraint targets."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        groups = {g.get("name", "model"): g["lr"] for opt in trainer.optimizers for g in opt.param_groups}
+        targets = {name: float(b) for name, b in pl_module.objective.named_buffers()}
+        with open(self.path, "w") as f:
+            json.dump({"lr": groups, "targets": targets}, f)

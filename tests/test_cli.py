@@ -167,3 +167,27 @@ def test_ddp_with_two_cpu_processes(in_tmp):
 def test_bf16_mixed_precision_trains(name, shape, in_tmp):
     assert main(["fit", "-c", f"configs/experiment/{name}.yaml", "--trainer.fast_dev_run=2",
                  "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu", *QUIET, *synthetic_data(shape)]) == 0
+
+
+def test_no_lightningcli_args_warning_when_run_as_a_command(in_tmp, monkeypatch):
+    """`structvae fit …` passes its command line as LightningCLI's ``args`` while sys.argv holds it too."""
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", ["structvae", "fit", "-c", "configs/experiment/digits.yaml"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # over pyproject's filter, which hid this warning from the tests
+        build_cli(["-c", "configs/experiment/digits.yaml", *QUIET], run=False)
+    assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["fid"], ["--batch-size BATCH_SIZE", "(default: 250)", "(default: 10000)", "(default: auto)"]),
+    (["explore"], ["(default: 8)", "(default: auto)"]),
+])
+def test_help_shows_the_defaults(command, shown, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--help"])
+    assert stop.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in shown:
+        assert text in out, text

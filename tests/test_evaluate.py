@@ -73,11 +73,21 @@ def test_fid_command_clear_errors(in_tmp, monkeypatch, capsys, tmp_path):
         main(["fid"])  # --ckpt is required
 
 
-def test_fid_without_weights_names_the_argument_and_the_variable(digits_checkpoint, monkeypatch, capsys, tmp_path):
+def test_fid_without_weights_computes_the_rest_and_names_the_argument(digits_checkpoint, monkeypatch, capsys,
+                                                                      tmp_path):
+    """No Inception weights: Parzen and NLL are still computed and written (with progress bars on stderr); the
+    FID is named as missing in one line, with the flag and the variable, and the exit code says so."""
     monkeypatch.setenv("STRUCTVAE_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
     assert main(["fid", "--ckpt", str(digits_checkpoint), *FAST, "--no-wandb"]) == 1
-    err = capsys.readouterr().err
-    assert "STRUCTVAE_INCEPTION_WEIGHTS" in err and "inception_weights" in err.replace("-", "_")
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "FID not computed" in errors[0] and "Traceback" not in captured.err
+    assert "STRUCTVAE_INCEPTION_WEIGHTS" in errors[0] and "inception_weights" in errors[0].replace("-", "_")
+    assert "Parzen: generated images" in captured.err and "NLL: test images" in captured.err  # progress
+    report = json.loads(digits_checkpoint.with_suffix(".eval.json").read_text())
+    assert report["fid_means"] is None and "fid" in report["not_computed"]
+    assert report["parzen_log_likelihood"] is not None and report["nll_nats"] is not None
+    assert "Parzen log-likelihood" in captured.out
 
 
 def test_in_loop_fid_monitor(in_tmp, offline_fid):

@@ -154,6 +154,7 @@ def test_training_steps_read_nothing_back_between_checks(tmp_path, monkeypatch):
     assert len(recorder.calls) == 4
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 def test_cuda_training_step_does_not_synchronise():
     from test_model import small_model
@@ -242,3 +243,95 @@ def test_missing_mnist_stops_before_the_wandb_run_starts(in_tmp, capsys):
     one_error_line(err)
     assert code == 1 and "structvae data mnist --root nowhere" in err
     assert not list(in_tmp.rglob("offline-run-*")) and not list(in_tmp.rglob("run-*"))
+
+
+# ------------------------------------------------------------------------------ issue #21: runs, checkpoints, configs
+def test_a_second_run_into_a_busy_folder_is_refused_and_writes_nothing(in_tmp, capsys):
+    """A concurrent `structvae fit` holds the folder's flock (simulated here by holding it from this process, which
+    conflicts just as another process's would): the second run stops in one line before writing anything."""
+    import fcntl
+
+    run = in_tmp / "run"
+    run.mkdir()
+    held = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["fit", "-c", "configs/experiment/digits.yaml", *QUIET, *SHORT, "--data.image_size=8",
+                     f"--trainer.default_root_dir={run}"])
+        line = one_error_line(capsys.readouterr().err)
+        assert code == 1
+        assert "another `structvae fit` is writing to" in line and str(run) in line
+        assert "--trainer.default_root_dir" in line
+        assert list(run.iterdir()) == []  # no config.yaml, samples or checkpoints
+    finally:
+        os.close(held)
+    # once the other run has ended the folder is free again, and each run releases it when it ends
+    for _ in range(2):
+        assert main(["fit", "-c", "configs/experiment/digits.yaml", *QUIET, *SHORT, "--data.image_size=8",
+                     f"--trainer.default_root_dir={run}"]) == 0
+    assert (run / "config.yaml").is_file() and list((run / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_checkpoints_follow_the_umask(umask, mode, tmp_path):
+    old = os.umask(umask)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == mode  # mkstemp alone gives 0600
+
+
+def _broken_configs(folder: Path) -> dict[str, Path]:
+    """An experiment whose likelihood part file is broken YAML, and a broken experiment file."""
+    (folder / "parts").mkdir()
+    part = folder / "parts" / "likelihood.yaml"
+    part.write_text("class_path: structvae.likelihoods.BernoulliLikelihood\ninit_args:\n  a: 1\n   b: 2\n")
+    experiment = (REPO / "configs/experiment/digits.yaml").read_text().replace("../", f"{REPO}/configs/").replace(
+        f"{REPO}/configs/model/likelihood/bernoulli.yaml", "parts/likelihood.yaml")
+    (folder / "experiment.yaml").write_text(experiment)
+    (folder / "broken.yaml").write_text("seed_everything: 0\ntrainer: {max_epochs: [1\n")
+    return {"part": part, "experiment": folder / "broken.yaml", "with_part": folder / "experiment.yaml"}
+
+
+@pytest.mark.parametrize("broken, line_no", [("part", 4), ("experiment", 3)])
+def test_yaml_error_names_the_file_line_and_column(broken, line_no, tmp_path, capsys):
+    files = _broken_configs(tmp_path)
+    config = files["with_part"] if broken == "part" else files["experiment"]
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "-c", str(config), *QUIET])
+    assert stop.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"config file {files[broken]} is not valid YAML at line {line_no}" in line
+    assert "<unicode string>" not in line
+
+
+def _unusable_checkpoints(folder: Path) -> dict[str, Path]:
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "pytorch-lightning_version": "2"}, folder / "whole.ckpt")
+    data = (folder / "whole.ckpt").read_bytes()
+    (folder / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    torch.save({}, folder / "plain_dict.ckpt")
+    (folder / "text.ckpt").write_text("not a checkpoint\n")
+    return {name: folder / f"{name}.ckpt" for name in ("truncated", "plain_dict", "text", "missing")}
+
+
+@pytest.mark.parametrize("kind", ["truncated", "plain_dict", "text", "missing"])
+def test_unusable_checkpoints_are_one_line_for_fit_fid_and_explore(kind, in_tmp, capsys):
+    ckpt = _unusable_checkpoints(in_tmp)[kind]
+    expected = "does not exist" if kind == "missing" else (
+        "is not a Lightning checkpoint" if kind == "plain_dict" else "truncated or not a PyTorch checkpoint")
+    assert main(["fit", "-c", "configs/experiment/digits.yaml", *QUIET, *SHORT, f"--ckpt_path={ckpt}",
+                 "--trainer.default_root_dir=run"]) == 1
+    assert expected in one_error_line(capsys.readouterr().err)
+    assert not (in_tmp / "run").exists()
+    assert main(["fid", "--ckpt", str(ckpt), "--no-wandb"]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    try:
+        code = main(["explore", "--ckpt", str(ckpt), "--no-wandb", "--out", "figs"])
+    except SystemExit as stop:  # explore's parser refuses a missing file as a usage error
+        code = stop.code
+    assert code == (2 if kind == "missing" else 1)
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (in_tmp / "figs").exists()

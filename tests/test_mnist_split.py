@@ -67,3 +67,14 @@ def test_real_test_file_gives_8000_1000_1000() -> None:
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (8000, 1000, 1000)
     _, y = dm.labelled("test")
     assert sorted(set(y.tolist())) == list(range(10))
+
+
+def test_start_up_line_names_the_split_and_the_files(tmp_path: Path) -> None:
+    """The `mnist_auto` fallback to the test file is named at start-up (`[structvae] data: …`), never silent."""
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", fake_mnist_images(20))
+    line = MNISTDataModule(root=str(tmp_path), split="auto", test_file_sizes=(5, 5)).describe()
+    assert "test-file split (split=auto: no train-images-idx3-ubyte[.gz]" in line
+    assert str(tmp_path / "t10k-images-idx3-ubyte.gz") in line and "validation 5 / test 5" in line
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", fake_mnist_images(30))
+    line = MNISTDataModule(root=str(tmp_path), split="auto", val_size=10).describe()
+    assert line.startswith("MNIST, standard split") and str(tmp_path / "train-images-idx3-ubyte.gz") in line

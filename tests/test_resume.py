@@ -133,7 +133,8 @@ class _Losses(Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def _fit_steps(folder: Path, ckpt_path: Path | None = None, num_workers: int = 0) -> dict[int, float]:
+def _fit_steps(folder: Path, ckpt_path: Path | None = None, num_workers: int = 0,
+               limit_train_batches: int | float = 1.0) -> dict[int, float]:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from test_model import small_model
 
@@ -149,7 +150,7 @@ def _fit_steps(folder: Path, ckpt_path: Path | None = None, num_workers: int = 0
                                   auto_insert_metric_name=False)
     Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
             default_root_dir=folder, limit_val_batches=1, max_steps=12, callbacks=[every_step, every_epoch, losses],
-            ).fit(model, data, ckpt_path=ckpt_path)
+            limit_train_batches=limit_train_batches).fit(model, data, ckpt_path=ckpt_path)
     return losses.losses
 
 
@@ -163,3 +164,78 @@ def test_iteration_based_resume_from_any_step_is_exact(name, step, num_workers, 
     resumed = _fit_steps(tmp_path / "resumed", tmp_path / "full" / f"{name}.ckpt", num_workers)
     assert sorted(resumed) == list(range(step + 1, 13))
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
+
+
+@pytest.mark.parametrize("limit", [3, 0.6], ids=["int", "fraction"])
+def test_resume_from_the_last_batch_under_limit_train_batches_is_exact(limit, tmp_path):
+    """limit_train_batches = 3 of 5 batches: the step-3 checkpoint follows the epoch's last trained batch, so the
+    resumed run starts epoch 1 from its first batch (issue #21: it skipped 3 batches of epoch 1)."""
+    full = _fit_steps(tmp_path / "full", limit_train_batches=limit)
+    resumed = _fit_steps(tmp_path / "resumed", tmp_path / "full" / "step=3.ckpt", limit_train_batches=limit)
+    assert sorted(resumed) == list(range(4, 13))
+    assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
+
+
+# ------------------------------------------------------------------------------ resuming under a config (issue #21)
+MDMM_DIGITS = ["-c", str(REPO / "configs/experiment/digits.yaml"), "--trainer.logger=false",
+               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+               "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--data.image_size=8",
+               "--model.objective=structvae.objectives.MDMM", "--model.objective.kl_target=5.0",
+               "--model.objective.entropy_target=null", "--model.objective.multiplier_lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def mdmm_checkpoint(tmp_path_factory) -> Path:
+    """One epoch of two steps of the digits model under MDMM (lr 1e-3, kl_target 5, multiplier_lr 0.01)."""
+    from structvae.cli import main
+
+    folder = tmp_path_factory.mktemp("first")
+    assert main(["fit", *MDMM_DIGITS, "--trainer.max_epochs=1", f"--trainer.default_root_dir={folder}"]) == 0
+    return folder / "checkpoints" / "last.ckpt"
+
+
+def test_resume_trains_with_the_changed_settings_and_says_so(mdmm_checkpoint, tmp_path, caplog):
+    """The non-finite stop's advice (resume with a lower lr) must work: LightningCLI used to parse the
+    checkpoint's hyper-parameters over the config, and the optimizer state restored the old lr."""
+    import logging
+
+    from structvae.cli import main
+
+    recorder = {"class_path": "resume_helpers.SettingsRecorder", "init_args": {"path": str(tmp_path / "seen.json")}}
+    with caplog.at_level(logging.INFO):
+        assert main(["fit", *MDMM_DIGITS, "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                     f"--trainer.callbacks+={json.dumps(recorder)}", f"--ckpt_path={mdmm_checkpoint}",
+                     "--model.optimizer.init_args.lr=3e-4", "--model.objective.kl_target=3.0",
+                     "--model.objective.multiplier_lr=0.05"]) == 0
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["lr"] == {"model": pytest.approx(3e-4), "multipliers": pytest.approx(0.05)}
+    assert seen["targets"] == {"kl.target": 3.0}
+    said = caplog.text
+    assert "[structvae] resuming" in said and "with this config's settings" in said
+    for change in ("model.optimizer.init_args.lr: 0.001 → 0.0003", "model.objective.init_args.kl_target: 5.0 → 3.0",
+                   "model.objective.init_args.multiplier_lr: 0.01 → 0.05"):
+        assert change in said
+    assert "[structvae] data: scikit-learn's 1,797 digits (embedded) at 8x8" in said  # the start-up data line
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 4 and state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("experiment, message", [
+    ("digits_sos", "was trained with likelihood BernoulliLikelihood, this config builds LowRankGaussianLikelihood"),
+    ("digits", "holds another model than this config builds: 11 weight tensor(s) of another shape (e.g. encoder."),
+])
+def test_resuming_under_an_incompatible_experiment_is_refused(experiment, message, mdmm_checkpoint, tmp_path, capsys):
+    from test_hardening import one_error_line
+
+    from structvae.cli import main
+
+    size = "--data.image_size=16" if experiment == "digits" else "--data.image_size=8"
+    argv = ["fit", "-c", str(REPO / f"configs/experiment/{experiment}.yaml"), "--trainer.logger=false",
+            "--trainer.max_epochs=2", size, f"--trainer.default_root_dir={tmp_path / 'run'}",
+            f"--ckpt_path={mdmm_checkpoint}"]
+    if experiment == "digits":  # the same objective, but 16×16 images: other weight shapes
+        argv += MDMM_DIGITS[-4:]
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert message in line and "config.yaml of its run folder" in line
+    assert not (tmp_path / "run").exists()  # refused before anything was written

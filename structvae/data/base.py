@@ -86,20 +86,32 @@ class ResumableDataLoader(DataLoader):
                            f"{state}: the data order differs from the interrupted run's")
 
 
+def epoch_batches(trainer: object | None, num_batches: int) -> int:
+    """The batches an epoch of ``num_batches`` trains under ``trainer.limit_train_batches`` (Lightning's rule:
+    an int caps the count, a float is a fraction of it)."""
+    limit = getattr(trainer, "limit_train_batches", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(num_batches, limit)
+    if isinstance(limit, float):
+        return int(num_batches * limit)
+    return num_batches
+
+
 def resume_position(trainer: object | None, num_batches: int) -> tuple[int, int]:
     """``(epoch, batches already trained in it)`` the fit loop is about to run, read from Lightning's
-    restored loop progress (zeros without a trainer).
+    restored loop progress (zeros without a trainer); ``num_batches``: the data's full epoch.
 
     An epoch whose end hooks ran is counted in ``epoch_progress.processed``; one interrupted after some
     batches is ``ready`` but not yet ``processed``, and ``batch_progress.processed`` counts its trained
-    batches. A checkpoint taken after an unfinished epoch's last batch continues with the next epoch."""
+    batches. A checkpoint taken after an unfinished epoch's last batch continues with the next epoch; under
+    ``limit_train_batches`` that last batch is the limit's, not the data's."""
     loop = getattr(trainer, "fit_loop", None)
     if loop is None:
         return 0, 0
     epoch = loop.epoch_progress.current.processed
     unfinished = loop.restarting and loop.epoch_progress.current.ready > epoch
     done = loop.epoch_loop.batch_progress.current.processed if unfinished else 0
-    if num_batches and done >= num_batches:
+    if num_batches and done >= epoch_batches(trainer, num_batches):
         return epoch + 1, 0
     return epoch, done
 
@@ -261,6 +273,11 @@ class ImageDataModule(LightningDataModule):
         """Where the images come from, for error messages (``" (in FILE)"``); empty by default."""
         return ""
 
+    def describe(self) -> str:
+        """One line naming the data set, the split and the files a run reads (printed at start-up, so a
+        fallback such as MNIST's test-file split is never silent); cheap: reads no images."""
+        return f"{type(self).__name__.removesuffix('DataModule')}{self.describe_source()}"
+
     def train_dataloader(self) -> DataLoader[Tensor]:
         """Shuffled (order = f(seed, epoch)), flipped when ``random_flip``; batches ``float32 [B, C, H, W]``."""
         return self._loader(self.train_set, "fit", train=True)
@@ -308,6 +325,10 @@ class FolderDataModule(ImageDataModule, ABC):
     @abstractmethod
     def load(self, part: str) -> Tensor:
         """All images of ``part`` as ``uint8 [N, C, H, W]``."""
+
+    def describe(self) -> str:
+        return (f"{type(self).__name__.removesuffix('DataModule')} in {self.root}: train and validation "
+                f"({self.val_size}) from its training files, test from its test files")
 
     def part_for(self, stage: str) -> str:
         """The part whose files ``stage`` reads: ``"test"`` for test/predict, else ``"train"``."""

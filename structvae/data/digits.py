@@ -57,6 +57,10 @@ class DigitsDataModule(ImageDataModule):
         self.test_size = test_size
         self._image_shape = (1, image_size, image_size)
 
+    def describe(self) -> str:
+        return (f"scikit-learn's 1,797 digits (embedded) at {self.image_size}x{self.image_size}: validation "
+                f"{self.val_size}, test {self.test_size}, train the rest (fixed seed)")
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

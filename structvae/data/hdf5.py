@@ -204,6 +204,11 @@ class HDF5ImageDataModule(ImageDataModule):
     def describe_source(self) -> str:
         return f" (file {self.path})"
 
+    def describe(self) -> str:
+        c, h, w = self._image_shape
+        return f"HDF5 file {self.path}: its train / valid / test groups, {c}x{h}x{w} images" + (
+            " (read into memory)" if self.in_memory else "")
+
     def prepare_command(self) -> str:
         """The shell command that creates ``self.path``."""
         return f"structvae data folder --src <image folder> --out {shlex.quote(str(self.path))}"

@@ -209,6 +209,17 @@ class MNISTDataModule(FolderDataModule):
         has_train = find_mnist_file(self.root, MNIST_FILES["train"]) is not None
         return "standard" if has_train or self.download else "test_file"
 
+    def describe(self) -> str:
+        test_file = find_mnist_file(self.root, MNIST_FILES["test"]) or f"{self.root}/{MNIST_FILES['test']}[.gz]"
+        if self.resolved_split == "standard":
+            train_file = find_mnist_file(self.root, MNIST_FILES["train"]) or f"{self.root}/{MNIST_FILES['train']}[.gz]"
+            return (f"MNIST, standard split: train and validation ({self.val_size}) from {train_file}, "
+                    f"test from {test_file}")
+        why = f" (split=auto: no {MNIST_FILES['train']}[.gz] in {self.root})" if self.split == "auto" else ""
+        val, test = self.test_file_sizes
+        return (f"MNIST, test-file split{why}: validation {val:,} / test {test:,} / train the rest, all cut from "
+                f"{test_file}; results are not comparable with the standard 50k/10k/10k split")
+
     def _test_file_parts(self, total: int) -> list[torch.Tensor]:
         """(validation, test, train) index tensors into the ``total`` images of the test file (fixed seed)."""
         return split_indices(total, list(self.test_file_sizes))

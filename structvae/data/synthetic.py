@@ -66,6 +66,10 @@ class SyntheticImageDataModule(ImageDataModule):
         self._image_shape = (int(image_shape[0]), int(image_shape[1]), int(image_shape[2]))
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
 
+    def describe(self) -> str:
+        return (f"generated images {self._image_shape} (seed {self.seed}): train {self.num_train} / validation "
+                f"{self.num_val} / test {self.num_test}")
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

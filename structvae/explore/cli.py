@@ -96,7 +96,8 @@ def explore(model, images: torch.Tensor, out: Path, figures: list[str] | None = 
     """Write each requested figure (default: every one this model supports) as ``out/<name>.png``.
 
     Raises ValueError (naming the supported likelihoods) when a requested figure needs a low-rank
-    likelihood the model does not have. Returns figure name → PNG path.
+    likelihood the model does not have, and the ``OSError`` of an ``out`` that cannot be written. Returns
+    figure name → PNG path.
     """
     low_rank = has_low_rank_likelihood(model)
     if figures is None:
@@ -105,12 +106,22 @@ def explore(model, images: torch.Tensor, out: Path, figures: list[str] | None = 
     if unsupported:
         raise ValueError(f"figure(s) {', '.join(unsupported)} need a likelihood with a low-rank covariance: "
                          f"{LOW_RANK_LIKELIHOODS}; this checkpoint's is {type(model.likelihood).__name__}")
+    _check_writable(out)  # before the drawing, not at the first PNG
     images = images.to(model.device, next(model.parameters()).dtype)
     paths = {}
     for name in figures:
         for key, grid in FIGURES[name][0](model, images, seed).items():
             paths[key] = save(grid, out / f"{key}.png")
     return paths
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise the ``OSError`` of a folder that cannot be created or written (read-only, permissions)."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def _log_to_wandb(ckpt: Path, paths: dict[str, Path]) -> str:
@@ -137,12 +148,13 @@ def _log_to_wandb(ckpt: Path, paths: dict[str, Path]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``structvae explore --ckpt …``: draw the chosen figures of a trained model; returns the exit code."""
-    parser = _OneLineParser(prog="structvae explore", description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="structvae explore", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `structvae fit`")
     parser.add_argument("--out", default=None, help="output folder (default: <run folder>/explore/<checkpoint>)")
     parser.add_argument("--figures", type=_figure_names, default=None, action="extend", nargs="+",
                         help=f"any of: {', '.join(FIGURES)} (default: all the model supports)")
-    parser.add_argument("--images", type=_positive_int, default=8, help="validation images to use (default 8)")
+    parser.add_argument("--images", type=_positive_int, default=8, help="validation images to use")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-wandb", action="store_true", help="do not log the figures to W&B")
@@ -152,17 +164,26 @@ def main(argv: list[str] | None = None) -> int:
     if not ckpt.is_file():
         parser.exit(2, f"structvae explore: error: checkpoint {ckpt} does not exist (train one with `make train`)\n")
 
+    from structvae.checkpointing import CheckpointReadError
     from structvae.data.errors import find_data_error
     from structvae.evaluate import load_checkpoint
 
+    out = Path(args.out) if args.out else default_out_dir(ckpt)
     try:
         model, datamodule = load_checkpoint(ckpt, device=args.device)
         images = L.validation_images(datamodule, args.images)
-        paths = explore(model, images, Path(args.out) if args.out else default_out_dir(ckpt), figures, args.seed)
+        paths = explore(model, images, out, figures, args.seed)
+    except CheckpointReadError as err:  # a damaged or foreign file, not a usage error
+        print(f"structvae explore: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         cause = find_data_error(err) or err
         print(f"structvae explore: error: {str(cause).splitlines()[0]}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1
+    except OSError as err:  # read-only or full output folder
+        print(f"structvae explore: error: cannot write to {err.filename or out} ({err.strerror or err}); choose a "
+              "writable folder with --out DIR", file=sys.stderr)
+        return 1
     for name, path in paths.items():
         print(f"{name:>20}: {path}")
     if not args.no_wandb:

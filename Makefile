@@ -13,8 +13,10 @@ SWEEP ?= svae_lowrank_celeba
 PAPER ?= spatial-vae
 BUDGET ?= cpu
 DATA ?= data/mnist
+OUT ?= outputs/gpu-check
+DEVICE ?= cuda
 
-.PHONY: install test test-fast lint format train fid explore sweep reproduce benchmark clean
+.PHONY: install test test-fast lint format train fid explore sweep reproduce benchmark gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +63,10 @@ benchmark: install
 	$(PY) benchmarks/lowrank_likelihood.py
 	$(PY) benchmarks/sparse_precision.py
 	$(PY) benchmarks/train_step.py $(ARGS)
+
+# Every CUDA check in one time-boxed run (≤ 8 min on one GPU): OUT/gpu_check.{json,md}. DEVICE=cpu: the dry run.
+gpu-check: install
+	PY=$(PY) DEVICE=$(DEVICE) scripts/gpu_check.sh "$(OUT)" $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs wandb

@@ -10,7 +10,7 @@ optimizer step. Configurations (``--configs``, ``+``-joined options):
 * ``ours``    (a): structvae as its commands run it: ``LowRankGaussianLikelihood`` (scalar D, Woodbury, per-item
               constraint means) in a process with structvae's host caching allocator (``cache``,
               :mod:`structvae.host_memory`), plus the experiment's settings: checkpointing (``ckpt``) above
-              100×100 (``sosvae_celeba_native.yaml`` sets it), and on CUDA bf16-mixed and channels_last
+              100×100 (``sosvae_celeba_native.yaml`` sets it), and on CUDA channels_last (bf16 is opt-in: ``+bf16``)
 * options, added with ``+`` or removed with ``-``: ``cl`` channels_last weights and inputs; ``bf16`` bf16 autocast
   (the R×R algebra stays fp32); ``compile`` ``torch.compile`` of the encoder and decoder; ``ckpt`` activation
   checkpointing of both networks' residual blocks (not with ``compile``: dynamo cannot trace it); the host
@@ -70,7 +70,7 @@ def options_of(name: str, device: str, large: bool) -> set[str]:
         raise SystemExit(f"unknown configuration {name!r}: torch or ours, then +opt or -opt with opt in {OPTIONS}")
     options = set()
     if base == "ours":
-        options = {"cache"} | ({"ckpt"} if large else set()) | ({"cl", "bf16"} if device == "cuda" else set())
+        options = {"cache"} | ({"ckpt"} if large else set()) | ({"cl"} if device == "cuda" else set())
     for edit in edits:
         (options.add if edit[0] == "+" else options.discard)(edit[1:])
     if base == "torch" and options - set(ALLOCATORS):
@@ -82,7 +82,8 @@ def options_of(name: str, device: str, large: bool) -> set[str]:
     return options
 
 
-def build_model(image_shape: tuple[int, int, int]):
+def build_model(image_shape: tuple[int, int, int], widths: tuple[int, ...] | None = None):
+    """SOS-VAE's model for ``image_shape``; ``widths`` narrows both networks (the CPU dry run of make gpu-check)."""
     from structvae.latent import VectorGaussianPosterior
     from structvae.likelihoods import LowRankGaussianLikelihood
     from structvae.model import StructVAE
@@ -92,7 +93,9 @@ def build_model(image_shape: tuple[int, int, int]):
     s = image_shape[0] * image_shape[1] * image_shape[2]
     entropy_target = 0.5 * s * torch.log(torch.tensor(2 * torch.pi * torch.e * EPSILON)).item() + 190.0
     return StructVAE(image_shape, VectorGaussianPosterior(LATENT), LowRankGaussianLikelihood(RANK, EPSILON),
-                     MDMM(kl_target=KL_TARGET, entropy_target=entropy_target), ResidualEncoder(), ResidualDecoder())
+                     MDMM(kl_target=KL_TARGET, entropy_target=entropy_target),
+                     ResidualEncoder(**({"widths": widths} if widths else {})),
+                     ResidualDecoder(**({"widths": widths} if widths else {})))
 
 
 class Step:
@@ -171,7 +174,7 @@ def worker(spec: dict) -> dict:
         if not keep_freed_host_memory():
             raise SystemExit("the keep allocator needs glibc (Linux); drop the +keep configurations")
     torch.manual_seed(0)
-    model = build_model(shape).to(device).train()
+    model = build_model(shape, spec.get("widths")).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = _batch(shape, spec["batch"], device)
     steps = [Step(name, model, optimizer, device, spec["large"]) for name in spec["configs"]]

@@ -14,6 +14,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here, not in pyproject.toml: editing that file makes `make` reinstall the environment.
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skips without one); make gpu-check runs these")
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run in an empty folder (outputs/, wandb/ land there) with the repo's configs reachable."""

@@ -18,7 +18,9 @@ MDMM multipliers are in the checkpoint.
 
 Non-finite values without stalling the GPU. Every training step records on the device whether the loss,
 its terms or the gradients are non-finite (no ``.item()``/``bool()``; a host read would wait for the GPU
-every step). In ``on_before_optimizer_step`` the first bad step is remembered in a device buffer and from
+every step). A failed factorisation inside a distribution (a singular low-rank capacitance, from
+``cholesky_ex``'s device-side info) comes out as NaN terms and gradients, not as an exception, so it takes
+this path too. In ``on_before_optimizer_step`` the first bad step is remembered in a device buffer and from
 then on every gradient is zeroed with a device-side mask, so no non-finite value ever reaches the weights.
 The flag is read back (one sync) every ``check_finite_every`` steps (default: the trainer's
 ``log_every_n_steps``), at the end of every epoch and before any checkpoint is saved; it then raises
@@ -38,12 +40,13 @@ from contextlib import contextmanager
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.distributions import Distribution
 
 from structvae.latent.base import LatentDistribution, LatentPosterior
 from structvae.likelihoods.base import ObservationLikelihood
+from structvae.metrics.sample_health import collapse_warning
 from structvae.networks.base import ImageDecoder, ImageEncoder
 from structvae.networks.conv import ConvDecoder, ConvEncoder
 from structvae.objectives.base import ELBOTerms, Objective
@@ -258,6 +261,20 @@ class StructVAE(LightningModule):
             self._log_likelihood_diagnostics(batch)
         return self._step(batch, "val")
 
+    def on_validation_end(self) -> None:
+        """Warn when p(x|z) collapsed into one component or overshoots its variance target (constraints met or not)."""
+        if self.trainer.sanity_checking:
+            return
+        metrics = self.trainer.callback_metrics
+
+        def read(name: str) -> float | None:
+            return float(metrics[name]) if name in metrics else None
+
+        message = collapse_warning(read("likelihood/top_component_share"), read("val/pixel_variance"),
+                                   self.objective.implied_variance, self.objective.holds_variance)
+        if message:
+            rank_zero_warn(message)
+
     def test_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         return self._step(batch, "test")
 
@@ -334,6 +351,12 @@ class StructVAE(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_not_finite()  # never save weights from after a non-finite step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resumed run trains with the settings it was given (e.g. a lower lr), not the checkpoint's
+        from structvae.resume import adopt_current_settings
+
+        adopt_current_settings(self, checkpoint)
 
     def raise_if_not_finite(self) -> None:
         """Read the device-side record (one sync; all ranks together) and stop if a step was non-finite."""

@@ -79,9 +79,13 @@ class ObservationLikelihood(nn.Module, ABC):
         """The smallest entropy (nats) the head can reach; an entropy target must lie above it."""
         return -math.inf
 
+    #: True where :meth:`pixel_variance` carries its gradient, so an objective may constrain it.
+    differentiable_pixel_variance: bool = False
+
     def pixel_variance(self, p: ObservationDistribution) -> Tensor:
-        """Mean per-pixel variance of each item, ``[B]`` (no gradient): the training step's diagnostic, so a
-        head whose exact marginal variances are costly overrides it with a cheap estimate."""
+        """Mean per-pixel variance of each item, ``[B]`` (no gradient unless ``differentiable_pixel_variance``):
+        the training step's diagnostic, so a head whose exact marginal variances are costly overrides it with a
+        cheap estimate."""
         return p.variance.detach().float().mean(-1)
 
     def diagnostics(self, p: ObservationDistribution) -> dict[str, Tensor]:

@@ -74,9 +74,15 @@ class LowRankGaussianLikelihood(ObservationLikelihood):
     def mean_parameters(self) -> Iterator[nn.Parameter]:
         return self.loc.parameters()
 
-    def entropy_at_variance(self, variance: float) -> float:
+    def entropy_at_variance(self, variance: float, spread_rank: float | None = None) -> float:
         """Eq. (2) of :mod:`structvae.distributions.gaussian_entropy` with D = εI: the variance spread equally over the
-        R components; with a learned D, ½·S·log(2πe·v̄) (all of it on the diagonal)."""
+        R components (or over ``spread_rank`` ≤ R of them, a lower target that lets the spectrum be uneven);
+        with a learned D, ½·S·log(2πe·v̄) (all of it on the diagonal)."""
+        if spread_rank is not None:
+            if self.diagonal is not None or not 0 < spread_rank <= self.rank:
+                raise ValueError(f"spread_rank must lie in (0, rank = {self.rank}] and needs the fixed diagonal "
+                                 f"D = εI (learn_diagonal: false), got {spread_rank}")
+            return lowrank_entropy_at_variance(self.num_pixels, spread_rank, self.epsilon, variance)
         if self.diagonal is not None:
             if not variance > self.epsilon:
                 raise ValueError(f"variance_target {variance:g} must exceed the diagonal's floor epsilon "
@@ -92,6 +98,13 @@ class LowRankGaussianLikelihood(ObservationLikelihood):
     def entropy_floor(self) -> float:
         """½·S·log(2πeε): P = 0 and D at its floor."""
         return entropy_floor((self.num_pixels,), self.epsilon)
+
+    differentiable_pixel_variance = True
+
+    def pixel_variance(self, p: LowRankMultivariateNormal) -> Tensor:
+        """Mean per-pixel variance (‖P‖²_F + tr D)/S of each item, ``[B]``, *with* its gradient: it costs one pass
+        over P, and :class:`structvae.objectives.MDMM`'s ``variance_constraint`` trains on it."""
+        return p.variance.float().mean(-1)
 
     def diagnostics(self, p: LowRankMultivariateNormal) -> dict[str, Tensor]:
         """Mean per-pixel variance, the three largest singular values of P (batch means) and the share

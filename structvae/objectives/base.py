@@ -33,7 +33,7 @@ class ELBOTerms:
     log_likelihood: log p(x|z) at one posterior sample z ~ q(z|x).
     kl: KL(q(z|x) || p(z)) in closed form.
     entropy: H[p(·|z)], the differential entropy of the likelihood (needed by SOS-VAE's constraint).
-    pixel_variance: mean over pixels of p(x|z)'s marginal variances (a diagnostic; detached), or None.
+    pixel_variance: mean over pixels of p(x|z)'s marginal variances (detached unless the likelihood's is differentiable), or None.
     mean_sq_error: ‖x − E[x|z]‖² summed over pixels (for objectives that anchor the mean), or None.
     """
 
@@ -55,6 +55,10 @@ class Objective(nn.Module, ABC):
 
     #: Learning rate of the multipliers' optimizer group (unused without multipliers).
     multiplier_lr: float = 0.0
+    #: The mean per-pixel variance of p(x|z) the objective aims at (set by :meth:`bind`; None when it sets none).
+    implied_variance: float | None = None
+    #: Whether the objective itself holds the mean per-pixel variance at ``implied_variance``.
+    holds_variance: bool = False
 
     @abstractmethod
     def forward(self, terms: ELBOTerms) -> Tensor:

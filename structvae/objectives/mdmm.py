@@ -77,6 +77,14 @@ class MDMM(Objective):
             :mod:`structvae.distributions.gaussian_entropy`). At most one of the two entropy arguments.
         damping: the MDMM damping coefficient.
         multiplier_lr: learning rate of the multipliers' own optimizer group.
+        variance_constraint: also hold the mean per-pixel variance of p(x|z) at ``variance_target`` (a third MDMM
+            constraint, on log v so its scale is that of the others). Not in the paper. ξ_H alone bounds the
+            variance from *below* only: Σ_r log(1 + σ_r²/ε) is met by one huge component (on MNIST: σ₁ = 9, top
+            share 0.97, variance 30× v̄, samples that blow the digit's silhouette to white or black). With the
+            variance held, meeting ξ_H forces the variance to spread over the components.
+        spread_rank: with ``variance_constraint``, derive ξ_H as v̄ spread equally over this many components
+            instead of all R (ξ_H(v̄) at R is the *largest* entropy of that variance, reached only by an exactly
+            flat spectrum; a smaller spread rank leaves room for an uneven one). Needs the low-rank head.
         mean_anchor: ``None`` (SOS-VAE as published) or σ²ₐ of an auxiliary pixel-independent Gaussian term
             ½·‖x − μ‖²/σ²ₐ added to the loss. Not in the paper: with D = εI the low-rank likelihood charges
             a residual x − μ inside span(P) only ½·log(1 + σ_r²/ε), so once P is released after the warm-up
@@ -91,8 +99,12 @@ class MDMM(Objective):
 
     def __init__(self, kl_target: float | None = 45.0, entropy_target: float | None = None,
                  variance_target: float | None = None, damping: float = 1.0,
-                 multiplier_lr: float = 1e-2, mean_anchor: float | None = None) -> None:
+                 multiplier_lr: float = 1e-2, mean_anchor: float | None = None, variance_constraint: bool = False,
+                 spread_rank: float | None = None) -> None:
         super().__init__()
+        if (variance_constraint or spread_rank is not None) and variance_target is None:
+            raise ValueError("variance_constraint and spread_rank need variance_target (the mean per-pixel variance "
+                             "to hold)")
         if mean_anchor is not None and not mean_anchor > 0:
             raise ValueError(f"mean_anchor is the variance σ²ₐ of the auxiliary term and must be positive, "
                              f"got {mean_anchor}; use null to leave it out (the paper's objective)")
@@ -113,14 +125,28 @@ class MDMM(Objective):
         self.entropy = (EqualityConstraint(math.nan if entropy_target is None else entropy_target, damping)
                         if wants_entropy else None)
         self.multiplier_lr = multiplier_lr
+        self.spread_rank = spread_rank
+        self.variance = (EqualityConstraint(math.log(variance_target), damping) if variance_constraint else None)
+        self.holds_variance = variance_constraint
 
     def bind(self, likelihood: ObservationLikelihood) -> None:
         """Derive ξ_H from ``variance_target`` and check the entropy target against ``likelihood``."""
         if self.entropy is None:
             return
         name = type(likelihood).__name__
+        if self.variance is not None and not likelihood.differentiable_pixel_variance:
+            raise ValueError(f"variance_constraint needs a likelihood whose mean pixel variance is differentiable "
+                             f"(LowRankGaussianLikelihood); {name}'s is not")
         if self.variance_target is not None:
-            self.entropy.target.fill_(likelihood.entropy_at_variance(self.variance_target))
+            if self.spread_rank is not None:
+                from structvae.likelihoods.lowrank import LowRankGaussianLikelihood
+
+                if not isinstance(likelihood, LowRankGaussianLikelihood):
+                    raise ValueError(f"spread_rank applies to LowRankGaussianLikelihood, not {name}")
+                target = likelihood.entropy_at_variance(self.variance_target, spread_rank=self.spread_rank)
+            else:
+                target = likelihood.entropy_at_variance(self.variance_target)
+            self.entropy.target.fill_(target)
             implied = self.variance_target
         else:
             target = float(self.entropy.target)
@@ -131,6 +157,7 @@ class MDMM(Objective):
                     f"(its entropy at the smallest variance it can predict); no model can meet it — "
                     f"state the constraint as variance_target (mean per-pixel variance) instead")
             implied = likelihood.variance_at_entropy(target)
+        self.implied_variance = implied
         if implied > MAX_UNIT_INTERVAL_VARIANCE:
             given = (f"variance_target {self.variance_target:g}" if self.variance_target is not None
                      else f"entropy_target {float(self.entropy.target):,.1f} nats")
@@ -148,6 +175,8 @@ class MDMM(Objective):
             loss = loss + terms.kl.mean()
         if self.entropy is not None:
             loss = loss + self.entropy(terms.entropy.mean())
+        if self.variance is not None:
+            loss = loss + self.variance(terms.pixel_variance.mean().log())
         if self.mean_anchor is not None:
             if terms.mean_sq_error is None:
                 raise ValueError("MDMM(mean_anchor=…) needs ELBOTerms.mean_sq_error (StructVAE.elbo_terms fills it)")
@@ -155,7 +184,8 @@ class MDMM(Objective):
         return loss
 
     def _constraints(self) -> dict[str, EqualityConstraint]:
-        return {name: c for name, c in (("kl", self.kl), ("entropy", self.entropy)) if c is not None}
+        pairs = (("kl", self.kl), ("entropy", self.entropy), ("variance", self.variance))
+        return {name: c for name, c in pairs if c is not None}
 
     def multipliers(self) -> dict[str, Tensor]:
         """λ of each constraint (detached scalars)."""
@@ -166,5 +196,6 @@ class MDMM(Objective):
         return [c.multiplier for c in self._constraints().values()]
 
     def targets(self) -> dict[str, float]:
-        """ξ of each constraint in nats per item (the entropy one resolved by :meth:`bind`)."""
-        return {name: float(c.target) for name, c in self._constraints().items()}
+        """ξ of the KL and entropy constraints in nats per item (the entropy one resolved by :meth:`bind`); the
+        variance constraint's target is ``variance_target``."""
+        return {name: float(c.target) for name, c in self._constraints().items() if name != "variance"}

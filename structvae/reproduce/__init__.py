@@ -53,6 +53,9 @@ def run_config(experiment: Experiment, seed: int, b: Budget, paper: str, run_dir
     trainer["callbacks"] = list(trainer.get("callbacks") or []) + [
         {"class_path": "structvae.callbacks_metrics.ParzenMonitor",
          "init_args": {"every_n_epochs": 1, "num_samples": b.monitor_samples}}]
+    if b.converge_patience is not None and experiment.role != "network_free":
+        trainer["callbacks"].append({"class_path": "structvae.callbacks.ConvergenceStopping",
+                                     "init_args": {"patience": b.converge_patience, "rel_tol": b.converge_rel_tol}})
     data = config["data"].setdefault("init_args", {})
     data.update(root=str(data_root), split=b.split)
     if b.name != "full":
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="structvae reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("paper", choices=PAPERS)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu",
-                        help="smoke (seconds), cpu (~35 min on 2 cores, default), full (full data, GPU)")
+                        help="smoke (seconds), cpu (~35 min on 2 cores, default), converge (until the validation "
+                             "ELBO plateaus, ≤ 80 epochs, 3 seeds: hours on 2 cores), full (full data, GPU)")
     parser.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
     parser.add_argument("--seeds", type=int, default=None, help="override the budget's number of seeds")
     parser.add_argument("--jobs", type=int, default=None, help="trainings at once (1 = in this process)")

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 # (result key, column title, digits, lower is better)
 COLUMNS = {
     "spatial-vae": [("parzen", "Parzen LL (nats) ↑", 1, False), ("nll", "IWAE NLL (nats) ↓", 1, True),
-                    ("nll_bpd", "bits/dim ↓", 3, True)],
+                    ("nll_bpd", "bits/dim ↓", 3, True),
+                    ("parzen_aggregate", "Parzen LL, means at z ~ q(z|x_train) ↑", 1, False)],
     "sos-vae": [("fd_means", "FD-MNIST-clf means ↓", 2, True), ("fd_samples", "FD-MNIST-clf samples ↓", 2, True),
                 ("nll", "NLL (nats) ↓", 1, True), ("kl", "KL (nats)", 1, True), ("entropy", "entropy (nats)", 1, True),
                 ("variance_prior", "avg pixel variance", 4, True)],

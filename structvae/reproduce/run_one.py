@@ -17,13 +17,20 @@ import torch
 from structvae.reproduce.plan import Budget
 
 
-def train(run_dir: Path) -> tuple[object, object, float]:
-    """Fit ``run_dir/config.yaml`` with the project's CLI; returns (model, datamodule, seconds)."""
+def train(run_dir: Path) -> tuple[object, object, float, dict]:
+    """Fit ``run_dir/config.yaml`` with the project's CLI; returns (model, datamodule, seconds, convergence):
+    the epochs trained and, under a converge budget, whether the plateau criterion (not the cap) stopped it."""
+    from structvae.callbacks import ConvergenceStopping
     from structvae.cli import build_cli
 
     start = time.perf_counter()
     cli = build_cli(["fit", "-c", str(run_dir / "config.yaml")])
-    return cli.model, cli.datamodule, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    convergence: dict = {"epochs_trained": cli.trainer.current_epoch}
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, ConvergenceStopping):
+            convergence.update(converged=callback.converged, val_loss_history=callback.history)
+    return cli.model, cli.datamodule, seconds, convergence
 
 
 def measure(model, datamodule, spec: dict) -> dict:
@@ -38,6 +45,7 @@ def measure(model, datamodule, spec: dict) -> dict:
     out: dict = {"timings": {}}
     t = time.perf_counter()
     out.update(m.parzen_and_nll(model, datamodule, budget))
+    out.update(m.aggregate_posterior_parzen(model, datamodule, num=budget.parzen_samples))
     out["timings"]["parzen_nll_s"] = time.perf_counter() - t
     datamodule.setup("test")
     test = torch.stack([datamodule.test_set[i] for i in range(len(datamodule.test_set))])
@@ -70,10 +78,10 @@ def run(run_dir: Path) -> dict:
         return json.loads(result_path.read_text())
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    model, datamodule, train_s = train(run_dir)
+    model, datamodule, train_s, convergence = train(run_dir)
     t = time.perf_counter()
     result = {"run": spec["name"], "experiment": spec["experiment"], "seed": spec["seed"],
-              "epochs": spec["epochs"], "train_s": train_s}
+              "epochs": spec["epochs"], "train_s": train_s, **convergence}
     result.update(measure(model, datamodule, spec))
     result["eval_s"] = time.perf_counter() - t
     result_path.write_text(json.dumps(result, indent=2))

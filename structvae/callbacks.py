@@ -22,10 +22,17 @@ class MeanOnlyWarmup(Callback):
     gradients are dropped just before the optimizer step, so Adam skips them entirely (no moment
     updates), and DDP still all-reduces the same set of parameters on every step. Encoder, decoder
     trunk and mean head train as usual.
+
+    ``covariance_off``: also hold the likelihood's covariance at its floor while warming up (P = 0 for the
+    low-rank head: the mean fits N(μ, εI), i.e. least squares), for heads with a ``covariance_off`` switch. Not
+    in the paper. Without it the frozen P head still reads the trunk's features, which train: on MNIST P grows
+    through them and takes up the residual, and the means after the warm-up epoch reconstruct *worse* than
+    the data set's mean image (validation MSE 0.13–0.18 vs 0.068).
     """
 
-    def __init__(self, epochs: int = 1) -> None:
+    def __init__(self, epochs: int = 1, covariance_off: bool = False) -> None:
         self.epochs = epochs
+        self.covariance_off = covariance_off
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if trainer.current_epoch >= self.epochs:
@@ -34,8 +41,17 @@ class MeanOnlyWarmup(Callback):
             p.grad = None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.covariance_off:
+            if not hasattr(pl_module.likelihood, "covariance_off"):
+                raise ValueError(f"MeanOnlyWarmup(covariance_off=True) needs a likelihood with a covariance_off "
+                                 f"switch (LowRankGaussianLikelihood), not {type(pl_module.likelihood).__name__}")
+            pl_module.likelihood.covariance_off = trainer.current_epoch < self.epochs
         if trainer.current_epoch == self.epochs and self.epochs > 0:
             rank_zero_info(f"[structvae] mean-only warm-up finished after {self.epochs} epoch(s)")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.covariance_off:
+            pl_module.likelihood.covariance_off = False  # a model trained for fewer epochs than the warm-up
 
 
 def _unit(images: Tensor) -> Tensor:

@@ -244,6 +244,9 @@ class StructVAE(LightningModule):
         if terms.pixel_variance is not None:
             self.log(f"{stage}/pixel_variance", terms.pixel_variance.mean(), on_step=on_step, on_epoch=True,
                      sync_dist=not on_step, prog_bar=on_step)
+        if terms.mean_sq_error is not None:  # per pixel: comparable with the variance and across image sizes
+            self.log(f"{stage}/mean_mse", terms.mean_sq_error.mean() / self.likelihood.num_pixels, on_step=False,
+                     on_epoch=True, sync_dist=True)
 
     def _log_likelihood_diagnostics(self, x: Tensor) -> None:
         """The likelihood head's diagnostics (e.g. singular values of P) at the posterior means."""

@@ -43,6 +43,7 @@ EXPECTED = {
     "sosvae_celeba_gray64": (V, {"latent_dim": 128}, L, "MDMM", CE, CELEBA, 128, 50, 1e-4, 2),
     "sosvae_celeba_native": (V, {"latent_dim": 128}, L, "MDMM", RE, CELEBA, 25, 50, 1e-4, 2),
     "sosvae_mnist": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
+    "sosvae_mnist_paper": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
     "sosvae_mnist_noentropy": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
     "sosvae_mnist_anchor": (V, {"latent_dim": 32}, L, "MDMM", CE, MNIST, 128, 50, 1e-3, 1),
     "sosvae_resnet_celeba": (V, {"latent_dim": 128}, L, "MDMM", RE, CELEBA, 25, 50, 1e-4, 2),
@@ -56,6 +57,7 @@ EXPECTED = {
     "svae_naive_celeba": (NS, {"channels": 64, "size": 3}, B, None, CE, CELEBA, 128, 50, 2e-4, 0),
     "svae_naive_cifar10": (NS, {"channels": 128, "size": 3}, B, None, CE, CIFAR, 128, 100, 2e-4, 0),
     "svae_naive_mnist": (NS, {"channels": 16, "size": 3}, B, None, CE, MNIST, 128, 50, 2e-4, 0),
+    "svae_naive_mnist_n4": (NS, {"channels": 4, "size": 3}, B, None, CE, MNIST, 128, 50, 2e-4, 0),
     "vae_celeba": (V, {"latent_dim": 81}, B, None, CE, CELEBA, 128, 50, 2e-4, 0),
     "vae_cifar10": (V, {"latent_dim": 150}, B, None, CE, CIFAR, 128, 100, 2e-4, 0),
     "vae_mnist": (V, {"latent_dim": 32}, B, None, CE, MNIST, 128, 50, 2e-4, 0),
@@ -117,7 +119,8 @@ def test_overrides_after_an_included_part_still_apply(in_tmp) -> None:
                              "--trainer.max_epochs=3", "--model.likelihood.init_args.rank=5")
     assert config["data"]["init_args"]["batch_size"] == 7 and config["trainer"]["max_epochs"] == 3
     assert config["model"]["likelihood"]["init_args"] == {"rank": 5, "epsilon": 1e-5, "learn_diagonal": False,
-                                                          "factor_init_scale": 0.1}
+                                                          "factor_init_scale": 0.1, "mean_activation": "identity",
+                                                          "factor_blur": False}
     assert config["model"]["encoder"]["class_path"] == "structvae.networks.ResidualEncoder"
 
 

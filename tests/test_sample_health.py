@@ -59,7 +59,8 @@ def test_sample_health_measures_the_prior_draws_and_leaves_the_global_rng_alone(
     assert 1 / 3 <= h.top_component_share <= 1 and len(h.singular_values) == 3
     assert h.singular_values[0] == pytest.approx(s2[:, 0].sqrt().mean().item(), rel=0.2)  # first 16 of 30 draws
     assert h.variance == pytest.approx(p.variance.double().mean().item(), rel=0.3)
-    assert 0 <= h.outside_unit <= 1 and 0 <= h.nyquist_share <= 1
+    assert 0 <= h.outside_unit_beyond_noise <= h.outside_unit <= 1 and 0 <= h.nyquist_share <= 1
+    assert h.noise_tolerance == pytest.approx(3 * 1e-3**0.5)
     expected_ref = (images - images.mean(0)).pow(2).mean().item()
     assert h.mean_image_mse == pytest.approx(expected_ref, rel=1e-6)
     gauss = StructVAE((1, 8, 8), VectorGaussianPosterior(4), GaussianLikelihood(), MDMM(kl_target=5.0),
@@ -94,10 +95,13 @@ def test_variance_constraint_term_and_its_checks():
                 entropy=torch.full((2,), obj.targets()["entropy"]))
     v = torch.tensor([0.02, 0.06], requires_grad=True)
     loss = obj(ELBOTerms(**base, pixel_variance=v))
-    g = math.log(0.01) - math.log(0.04)
-    assert loss.item() == pytest.approx(0.5 * 2.0 * g**2, rel=1e-5)  # λ = 0 at the start: the damping term alone
+    h = 0.5 * 256 * (math.log(0.04) - math.log(0.01))  # the violation, in nats: ½·S·log v above ½·S·log v̄
+    assert loss.item() == pytest.approx(0.5 * 2.0 * h**2, rel=1e-5)  # λ = 0 at the start: the damping term alone
     loss.backward()
     assert (v.grad > 0).all()  # descent lowers the variance toward v̄
+    assert obj.variance.multiplier.grad.item() == pytest.approx(-h, rel=1e-5)  # ascent: λ rises while violated
+    below = obj(ELBOTerms(**base, pixel_variance=torch.tensor([0.002, 0.004], requires_grad=True)))
+    assert below.item() == pytest.approx(0.0, abs=1e-6)  # an upper bound: no pull while v < v̄
     with pytest.raises(ValueError, match="need variance_target"):
         MDMM(variance_constraint=True)
     with pytest.raises(ValueError, match="differentiable"):
@@ -140,3 +144,38 @@ def test_the_entropy_target_alone_leaves_a_collapsed_spectrum_and_the_variance_c
     variance, share = spectrum_after_fit(variance_constraint=True)
     assert variance == pytest.approx(0.01, rel=0.05)
     assert share < 0.3  # both met: the variance must be spread (1/R = 0.25 at exactly ξ_H(v̄) of R components)
+
+
+def test_sigmoid_mean_and_blurred_factor():
+    head = LowRankGaussianLikelihood(rank=4, epsilon=1e-3, mean_activation="sigmoid", factor_blur=True)
+    head.build(6, (1, 8, 8))
+    torch.manual_seed(0)
+    p = head(10 * torch.randn(3, 6, 8, 8))
+    assert ((p.mean > 0) & (p.mean < 1)).all()
+    checker = ((-1.0) ** torch.arange(8)).view(8, 1) * ((-1.0) ** torch.arange(8)).view(1, 8)
+    from structvae.likelihoods.lowrank import _binomial_blur
+
+    blurred = _binomial_blur(checker.expand(1, 4, 8, 8).clone())
+    assert blurred[..., 1:-1, 1:-1].abs().max().item() < 1e-6  # zero response at Nyquist (edges: zero padding)
+    with pytest.raises(ValueError, match="mean_activation"):
+        LowRankGaussianLikelihood(mean_activation="tanh")
+
+
+def test_warmup_can_hold_the_covariance_off():
+    from structvae.callbacks import MeanOnlyWarmup
+
+    model = tiny_sos_model()
+    warmup = MeanOnlyWarmup(epochs=1, covariance_off=True)
+    trainer = SimpleNamespace(current_epoch=0)
+    warmup.on_train_epoch_start(trainer, model)
+    assert model.likelihood.covariance_off
+    p = model.decode(torch.randn(2, 4))
+    assert p.cov_factor.abs().max().item() == 0.0 and p.cov_factor.requires_grad
+    trainer.current_epoch = 1
+    warmup.on_train_epoch_start(trainer, model)
+    assert not model.likelihood.covariance_off
+    assert model.decode(torch.randn(2, 4)).cov_factor.abs().max().item() > 0
+    gauss = StructVAE((1, 8, 8), VectorGaussianPosterior(4), GaussianLikelihood(), MDMM(kl_target=5.0),
+                      ConvEncoder([8]), ConvDecoder(8))
+    with pytest.raises(ValueError, match="covariance_off switch"):
+        warmup.on_train_epoch_start(trainer, gauss)

@@ -6,7 +6,9 @@ was meant to control, measured directly on prior draws:
 
 * ``variance``: the mean per-pixel variance of p(x|z) (compare with v̄);
 * ``top_component_share``: σ₁²/Σσ_r² of the covariance factor (1/R when spread equally; →1 when collapsed);
-* ``outside_unit``: the fraction of sample pixels outside [0, 1];
+* ``outside_unit``: the fraction of sample pixels outside [0, 1]; ``outside_unit_beyond_noise`` the fraction
+  outside [−δ, 1 + δ] with δ = 3√ε (ε = the smallest entry of D), three standard deviations of the fixed white noise D = εI that every sample
+  of N(μ, PPᵀ + εI) carries (a background pixel whose mean is 0 falls below 0 half the time whatever P does);
 * ``nyquist_share``: the share of the energy of (sample − mean) at the Nyquist rows/columns of its 2-D DFT —
   a period-2 checkerboard or stripe puts it all there, white noise ``(H + W − 1)/(H·W)`` (7 % at 28×28), the
   smooth stroke changes SOS-VAE shows a few percent;
@@ -46,6 +48,8 @@ class SampleHealth:
     top_component_share: float | None
     singular_values: list[float] | None
     outside_unit: float
+    outside_unit_beyond_noise: float
+    noise_tolerance: float
     nyquist_share: float
     reconstruction_mse: float
     mean_image_mse: float
@@ -65,7 +69,8 @@ def sample_health(model, images: Tensor, mean_image: Tensor, num_prior: int = 50
     """
     shape = tuple(images.shape[1:])
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    variance, share, sigma, outside, nyquist = [], [], [], [], []
+    variance, share, sigma, outside, beyond, nyquist = [], [], [], [], [], []
+    tolerance = 0.0
     for n in torch.arange(num_prior).split(batch_size):
         p = model.sample_prior(len(n), generator=generator)
         variance.append(p.variance.double().mean(-1))
@@ -78,6 +83,10 @@ def sample_health(model, images: Tensor, mean_image: Tensor, num_prior: int = 50
             torch.default_generator.manual_seed(seed + len(variance))  # the CPU generator alone: CUDA's untouched
             x = p.sample()
         outside.append(((x < 0) | (x > 1)).double().mean(-1))
+        diagonal = getattr(p, "cov_diag", None)
+        if diagonal is not None:  # the floor of D (εI, or a learned D's smallest entry)
+            tolerance = 3 * float(diagonal.min()) ** 0.5
+        beyond.append(((x < -tolerance) | (x > 1 + tolerance)).double().mean(-1))
         nyquist.append(nyquist_energy_share((x - p.mean).view(-1, *shape)))
     recon, ref = [], []
     for x in images.split(batch_size):
@@ -90,6 +99,8 @@ def sample_health(model, images: Tensor, mean_image: Tensor, num_prior: int = 50
         top_component_share=float(torch.cat(share).mean()) if share else None,
         singular_values=[float(v) for v in torch.cat(sigma).mean(0)[:5]] if sigma else None,
         outside_unit=float(torch.cat(outside).mean()),
+        outside_unit_beyond_noise=float(torch.cat(beyond).mean()),
+        noise_tolerance=tolerance,
         nyquist_share=float(torch.cat(nyquist).mean()),
         reconstruction_mse=float(torch.cat(recon).mean()),
         mean_image_mse=float(torch.cat(ref).mean()),

@@ -63,6 +63,18 @@ class EqualityConstraint(nn.Module):
         return _ReverseGradient.apply(self.multiplier) * g + 0.5 * self.damping * g.pow(2)
 
 
+class UpperBoundConstraint(EqualityConstraint):
+    """c(θ) ≤ target: the penalty ``λ·h + ½·damping·h²`` on the violation h = max(0, value − target).
+
+    λ rises (gradient ascent on h ≥ 0) only while the bound is violated and never falls below 0, so the term is
+    zero as long as the bound holds and pushes back harder the longer it was broken.
+    """
+
+    def infeasibility(self, value: Tensor) -> Tensor:
+        """h = max(0, value − target) (a scalar)."""
+        return torch.relu(value - self.target)
+
+
 class MDMM(Objective):
     """loss = −E[log p(x|z)] + Σ_c [λ_c·(ξ_c − E[c]) + ½·damping·(ξ_c − E[c])²] (+ ½·E‖x − μ‖²/σ²ₐ, opt-in).
 
@@ -77,8 +89,13 @@ class MDMM(Objective):
             :mod:`structvae.distributions.gaussian_entropy`). At most one of the two entropy arguments.
         damping: the MDMM damping coefficient.
         multiplier_lr: learning rate of the multipliers' own optimizer group.
-        variance_constraint: also hold the mean per-pixel variance of p(x|z) at ``variance_target`` (a third MDMM
-            constraint, on log v so its scale is that of the others). Not in the paper. ξ_H alone bounds the
+        variance_constraint: also keep the mean per-pixel variance v of p(x|z) at most ``variance_target`` (a third
+            MDMM constraint, an upper bound on ½·S·log v — the entropy a pixel-independent Gaussian of variance v
+            would have: in nats, as the likelihood's pull on the variance is, so one ``damping`` and
+            ``multiplier_lr`` serve all three; on log v alone the pull of ~½·S·(mse/v̄ − 1) nats per unit outweighed
+            the damping for ~10 epochs. An upper bound, not an equality: after a mean-only warm-up v starts at ε
+            and an equality's damping term would yank P, and the trunk the mean shares, up at once). Not in the
+            paper. ξ_H alone bounds the
             variance from *below* only: Σ_r log(1 + σ_r²/ε) is met by one huge component (on MNIST: σ₁ = 9, top
             share 0.97, variance 30× v̄, samples that blow the digit's silhouette to white or black). With the
             variance held, meeting ξ_H forces the variance to spread over the components.
@@ -126,7 +143,8 @@ class MDMM(Objective):
                         if wants_entropy else None)
         self.multiplier_lr = multiplier_lr
         self.spread_rank = spread_rank
-        self.variance = (EqualityConstraint(math.log(variance_target), damping) if variance_constraint else None)
+        self.variance = UpperBoundConstraint(math.nan, damping) if variance_constraint else None
+        self._variance_nats_per_log = math.nan  # ½·S, set by bind
         self.holds_variance = variance_constraint
 
     def bind(self, likelihood: ObservationLikelihood) -> None:
@@ -148,6 +166,9 @@ class MDMM(Objective):
                 target = likelihood.entropy_at_variance(self.variance_target)
             self.entropy.target.fill_(target)
             implied = self.variance_target
+            if self.variance is not None:
+                self._variance_nats_per_log = 0.5 * likelihood.num_pixels
+                self.variance.target.fill_(self._variance_nats_per_log * math.log(self.variance_target))
         else:
             target = float(self.entropy.target)
             floor = likelihood.entropy_floor()
@@ -176,7 +197,7 @@ class MDMM(Objective):
         if self.entropy is not None:
             loss = loss + self.entropy(terms.entropy.mean())
         if self.variance is not None:
-            loss = loss + self.variance(terms.pixel_variance.mean().log())
+            loss = loss + self.variance(self._variance_nats_per_log * terms.pixel_variance.mean().log())
         if self.mean_anchor is not None:
             if terms.mean_sq_error is None:
                 raise ValueError("MDMM(mean_anchor=…) needs ELBOTerms.mean_sq_error (StructVAE.elbo_terms fills it)")

@@ -119,3 +119,16 @@ def aggregate_posterior_parzen(model, datamodule, num: int = 8_000, seed: int = 
     ll = parzen_log_likelihood(test, generated, sigma).double()
     return {"parzen_aggregate": float(ll.mean()), "parzen_aggregate_se": float(ll.std() / math.sqrt(ll.numel())),
             "parzen_aggregate_sigma": sigma, "parzen_aggregate_samples": len(generated)}
+
+
+def sample_health_columns(model, test: Tensor, train_mean: Tensor) -> dict[str, float]:
+    """The :func:`structvae.metrics.sample_health.sample_health` numbers of a VAE (empty for a network-free model)."""
+    from structvae.metrics.sample_health import sample_health
+
+    if not _is_vae(model):
+        return {}
+    h = sample_health(model, test, train_mean, num_prior=500)
+    out = {"top_share": h.top_component_share, "outside_unit": h.outside_unit,
+           "outside_beyond_noise": h.outside_unit_beyond_noise, "nyquist_share": h.nyquist_share,
+           "recon_mse": h.reconstruction_mse, "mean_image_mse": h.mean_image_mse}
+    return {k: v for k, v in out.items() if v is not None}

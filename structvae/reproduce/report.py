@@ -24,7 +24,10 @@ COLUMNS = {
                     ("parzen_aggregate", "Parzen LL, means at z ~ q(z|x_train) ↑", 1, False)],
     "sos-vae": [("fd_means", "FD-MNIST-clf means ↓", 2, True), ("fd_samples", "FD-MNIST-clf samples ↓", 2, True),
                 ("nll", "NLL (nats) ↓", 1, True), ("kl", "KL (nats)", 1, True), ("entropy", "entropy (nats)", 1, True),
-                ("variance_prior", "avg pixel variance", 4, True)],
+                ("variance_prior", "avg pixel variance", 4, True), ("top_share", "top share of P", 2, True),
+                ("outside_beyond_noise", "samples outside [0,1] ± 3√ε", 3, True),
+                ("nyquist_share", "Nyquist share of sample − mean", 3, True),
+                ("recon_mse", "recon. MSE of means ↓", 4, True), ("mean_image_mse", "MSE of the mean image", 4, True)],
 }
 PAPER_COLUMNS = {
     "spatial-vae": [("parzen", "paper Parzen")],

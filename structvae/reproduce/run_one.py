@@ -58,6 +58,10 @@ def measure(model, datamodule, spec: dict) -> dict:
         out.update(m.classifier_fd(model, test, classifier.to(model.device), budget.fd_samples))
         out["timings"]["fd_s"] = time.perf_counter() - t
     out.update(m.constraints_and_variance(model, test[: budget.nll_items]))
+    if spec["paper"] == "sos-vae":
+        datamodule.setup("fit")
+        train_mean = torch.stack([datamodule.train_set[i] for i in range(len(datamodule.train_set))]).mean(0)
+        out.update(m.sample_health_columns(model, test, train_mean))
     m.save_sample_grid(model, run_dir / "samples.png")
     if isinstance(model, StructVAE):
         out["parameters"] = model.parameter_counts()

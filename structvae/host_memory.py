@@ -31,6 +31,7 @@ import ctypes.util
 import logging
 import os
 import platform
+import subprocess
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -159,7 +160,8 @@ def configure_host_allocator() -> str:
         try:
             cache_host_memory()
             return "cache"
-        except (OSError, RuntimeError, ImportError, SystemExit) as err:  # cpp_extension exits on a missing ninja
+        # cpp_extension exits on a missing ninja and raises CalledProcessError on a compiler that fails `-v`
+        except (OSError, RuntimeError, ImportError, SystemExit, subprocess.SubprocessError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             warnings.warn(f"structvae's host caching allocator could not be built ({reason}); using glibc's "
                           f"heap instead (set {ENV_VAR}=keep to skip the build)", RuntimeWarning, stacklevel=2)

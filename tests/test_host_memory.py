@@ -6,6 +6,7 @@ commands apply it while library calls do not."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -181,3 +182,13 @@ def test_the_cache_reuses_splits_and_merges_blocks_and_keeps_every_tensor_intact
     assert report["corrupt"] == 0 and report["mismatch"] == 0
     assert report["drained"] == [0, True] and report["released"] is True
     assert report["workers"] == [1.0, 5.0, 9.0, 13.0]
+
+
+def test_a_compiler_that_fails_is_one_warning_line_and_the_command_still_runs(tmp_path):
+    env = {**os.environ, "CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+           "STRUCTVAE_HOST_ALLOCATOR": "cache"}
+    code = "from structvae.host_memory import configure_host_allocator as c; print(c())"
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "keep"
+    assert "Traceback" not in out.stderr and "could not be built" in out.stderr

@@ -115,6 +115,12 @@ def orderings(paper: str, summary: dict[str, dict]) -> list[tuple[str, str, str]
         ("FD means: SOS + mean anchor < SOS", "(an option, not in the paper)", verdict(diff("sos_anchor", "sos", "fd_means"), False)),
         ("FD samples: SOS + mean anchor < β-VAE", "(an option, not in the paper)",
          verdict(diff("sos_anchor", "betavae", "fd_samples"), False)),
+        ("FD samples: SOS, structvae's recipe < β-VAE", "(our recipe, not in the paper)",
+         verdict(diff("sos_ours", "betavae", "fd_samples"), False)),
+        ("FD samples: SOS, structvae's recipe < Dorta et al.", "(our recipe, not in the paper)",
+         verdict(diff("sos_ours", "dorta", "fd_samples"), False)),
+        ("SOS, structvae's recipe: samples no worse than means", "(our recipe, not in the paper)",
+         verdict(_self(summary, "sos_ours"), False)),
     ]
     return rows
 

@@ -50,6 +50,7 @@ EXPECTED = {
     "svae_lowrank_celeba": (LR, {"channels": 64, "size": 3}, B, None, CE, CELEBA, 128, 50, 2e-4, 0),
     "svae_lowrank_cifar10": (LR, {"channels": 128, "size": 3}, B, None, CE, CIFAR, 128, 100, 2e-4, 0),
     "svae_lowrank_mnist": (LR, {"channels": 16, "size": 3}, B, None, CE, MNIST, 128, 50, 2e-4, 0),
+    "svae_lowrank_mnist_elementmean": (LR, {"channels": 16, "size": 3}, B, "BetaELBO", CE, MNIST, 128, 50, 2e-4, 0),
     "svae_lowrank_sos_celeba": (LR, {"channels": 64, "size": 3}, L, "MDMM", CE, CELEBA, 128, 50, 1e-4, 2),
     "svae_mvn_celeba": (MN, {"channels": 64, "size": 3}, B, None, CE, CELEBA, 128, 50, 2e-4, 0),
     "svae_mvn_cifar10": (MN, {"channels": 128, "size": 3}, B, None, CE, CIFAR, 128, 100, 2e-4, 0),
@@ -61,6 +62,7 @@ EXPECTED = {
     "vae_celeba": (V, {"latent_dim": 81}, B, None, CE, CELEBA, 128, 50, 2e-4, 0),
     "vae_cifar10": (V, {"latent_dim": 150}, B, None, CE, CIFAR, 128, 100, 2e-4, 0),
     "vae_mnist": (V, {"latent_dim": 32}, B, None, CE, MNIST, 128, 50, 2e-4, 0),
+    "vae_mnist_elementmean": (V, {"latent_dim": 32}, B, "BetaELBO", CE, MNIST, 128, 50, 2e-4, 0),
 }
 
 

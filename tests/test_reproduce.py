@@ -65,7 +65,9 @@ def test_budgets_and_statistics() -> None:
     assert budget("cpu", epochs=3).epochs == {"spatial-vae": 3, "sos-vae": 3}
     assert budget("smoke", seeds=4).seeds == 4 and BUDGETS["smoke"].seeds == 1
     assert {e.config for e in EXPERIMENTS["spatial-vae"]} == {"vae_mnist", "svae_naive_mnist", "svae_mvn_mnist",
-                                                             "svae_lowrank_mnist", "svae_naive_mnist_n4"}
+                                                             "svae_lowrank_mnist", "svae_naive_mnist_n4",
+                                                             "vae_mnist_elementmean",
+                                                             "svae_lowrank_mnist_elementmean"}
     mean, se, n = mean_se([1.0, 2.0, 3.0])
     assert (mean, n) == (2.0, 3) and se == pytest.approx(1 / math.sqrt(3))
     assert mean_se([5.0])[1] != mean_se([5.0])[1]  # one seed: no standard error (NaN)

@@ -109,6 +109,12 @@ SPATIAL_VAE = (
     # Not in the paper: naive with 4 maps (36-d latent ≈ the VAE's 32) — is the Parzen gap the latent's size?
     Experiment("naive_n4", "naive SVAE, N = 4 maps (36-d; ablation, not in the paper)", "svae_naive_mnist_n4",
                role="ablation"),
+    # Not in the paper: both loss terms as per-element means (β = 784/D_z) — the weighting the issue ascribes to the
+    # authors' code.
+    Experiment("vae_elem", "original VAE, per-element means (β = 784/32; ablation)", "vae_mnist_elementmean",
+               role="ablation"),
+    Experiment("lowrank_elem", "SVAE via low-rank MVN, per-element means (β = 784/144; ablation)",
+               "svae_lowrank_mnist_elementmean", role="ablation"),
 )
 
 # SOS-VAE (TMLR 2022), Table 1 (FID; CelebA, and in brackets 64×64 grayscale CelebA) and appendix A.

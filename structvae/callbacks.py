@@ -13,6 +13,7 @@ from torch import Tensor
 from structvae.distributions.base import StructuredCovariance
 from structvae.explore.draw import render
 from structvae.explore.grid import ImageGrid
+from structvae.rng import seeded
 
 
 class MeanOnlyWarmup(Callback):
@@ -90,9 +91,7 @@ class ImageGridLogger(Callback):
         """The eight rows as ``[n, C, H, W]`` tensors in [0, 1]; fixed noise, global RNG untouched."""
         shape = pl_module.image_shape
         n = inputs.shape[0]
-        devices = [inputs.device] if inputs.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed, inputs.device):
             recon = pl_module.reconstruct(inputs)
             p = pl_module.sample_prior(n)
             mean = p.mean.view(n, *shape)

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from structvae.rng import seeded
+
 
 @dataclass
 class EvaluationReport:
@@ -76,9 +78,7 @@ def generate_images(model, num: int, batch_size: int, seed: int = 0,
 
     Deterministic given ``seed``; the global RNG is left as it was.
     """
-    devices = [model.device] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed, model.device):
         done = 0
         while done < num:
             b = min(batch_size, num - done)

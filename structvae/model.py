@@ -10,7 +10,7 @@ Every box is injected (LightningCLI ``class_path``/``init_args``): a new posteri
 objective is one class and one YAML, and this file does not change.
 
 Exact resumption. Everything random in a training step is a pure function of (seed, step, rank): the step
-runs inside ``torch.random.fork_rng`` seeded from them, so the posterior noise (and any dropout) of step
+runs inside :func:`structvae.rng.seeded` with a seed made from them, so the posterior noise (and any dropout) of step
 ``t`` is the same whether or not the run was interrupted, and the global generator that data loading,
 augmentation and user code draw from is left exactly as it was. The data order is the data module's job
 (:class:`structvae.data.EpochRandomSampler`, which also resumes mid-epoch); weights, optimizer state and
@@ -33,7 +33,6 @@ still move the weights by their momentum; those weights are never saved.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,6 +50,7 @@ from structvae.networks.base import ImageDecoder, ImageEncoder
 from structvae.networks.conv import ConvDecoder, ConvEncoder
 from structvae.objectives.base import ELBOTerms, Objective
 from structvae.objectives.elbo import ELBO
+from structvae.rng import global_seed, seeded
 
 
 class UnsupportedLayoutError(ValueError):
@@ -312,10 +312,7 @@ class StructVAE(LightningModule):
         if not self.deterministic_noise:
             yield
             return
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            torch.manual_seed(hash((base, self.global_step, self.global_rank)) % (2**63))
+        with seeded(hash((global_seed(), self.global_step, self.global_rank)) % (2**63), self.device):
             yield
 
     # ----------------------------------------------------------------------------- non-finite values

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 
@@ -25,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from structvae.data.errors import DataCorruptError, DataNotFoundError
+from structvae.rng import global_seed
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -221,7 +221,7 @@ class ImageDataModule(LightningDataModule):
     @property
     def shuffle_seed(self) -> int:
         """Seed of the training order: ``seed``, else Lightning's global seed (``PL_GLOBAL_SEED``), else 0."""
-        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self.seed if self.seed is not None else global_seed()
 
     def flip_batch(self, batch: Tensor, step: int, rank: int = 0) -> Tensor:
         """``[B, C, H, W]`` with each image mirrored left-right with probability ½, drawn from a generator seeded

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from structvae.explore.grid import ImageGrid, evaluating, images_of, lerp, slerp
+from structvae.rng import seeded
 
 _SPATIAL_FAMILIES = ("NaiveSpatialPosterior, MatrixNormalPosterior, LowRankMatrixNormalPosterior, "
                      "FullMatrixNormalPosterior")
@@ -39,15 +40,9 @@ def decode_means(model, z: Tensor) -> Tensor:
     return images_of(means, model.image_shape).reshape(*lead, *model.image_shape)
 
 
-def _cuda(model) -> list:
-    """Devices whose RNG ``fork_rng`` must save: the model's GPU, if any (the caller's RNG stays untouched)."""
-    return [model.device] if model.device.type == "cuda" else []
-
-
 def reconstructions(model, images: Tensor, seed: int = 0) -> ImageGrid:
     """Rows: the inputs, the likelihood mean at the posterior mean, and at one posterior sample."""
-    with evaluating(model), torch.random.fork_rng(devices=_cuda(model)):
-        torch.manual_seed(seed)
+    with evaluating(model), seeded(seed, model.device):
         q = model.encode(images.to(model.device))
         z_sample = q.sample()
     rows = torch.stack([images.float().cpu(), decode_means(model, q.mean), decode_means(model, z_sample)])
@@ -199,8 +194,7 @@ def prior_samples(models: Mapping[str, object] | object, num: int = 8, seed: int
     named = dict(models) if isinstance(models, Mapping) else {type(models.posterior).__name__: models}
     rows, labels = [], []
     for name, model in named.items():
-        with evaluating(model), torch.random.fork_rng(devices=_cuda(model)):
-            torch.manual_seed(seed)
+        with evaluating(model), seeded(seed, model.device):
             z = model.posterior.prior_sample(num, device=model.device)
             p = model.decode(z.to(next(model.parameters()).dtype))
             rows += [images_of(p.mean, model.image_shape), images_of(p.sample(), model.image_shape)]

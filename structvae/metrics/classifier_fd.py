@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from structvae.metrics.fid import MeanAndSampleFID
+from structvae.rng import seeded
 
 __all__ = ["ClassifierFeatures", "MNISTClassifier", "classifier_accuracy", "classifier_frechet_distance",
            "train_classifier"]
@@ -51,8 +52,7 @@ def train_classifier(images: Tensor, labels: Tensor, epochs: int = 3, batch_size
 
     Deterministic given ``seed`` (own generator for the initialisation and the batch order; global RNG untouched).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = MNISTClassifier(feature_dim=feature_dim)
         order = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from structvae.distributions.base import ApproximatePosterior
 from structvae.metrics._pooled import PooledMeanMetric
+from structvae.rng import seeded
 
 __all__ = [
     "ImageLikelihood",
@@ -158,13 +159,7 @@ def importance_sampled_nll(
     if generator is None:
         return estimate()
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    cuda = x.device.type == "cuda"
-    # fork only the RNGs we reseed, so the caller's global random stream is left exactly as it was
-    with torch.random.fork_rng(devices=[x.device] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(x.device):
-                torch.cuda.manual_seed(seed)
+    with seeded(seed, x.device):  # the caller's global random stream is left exactly as it was
         return estimate()
 
 

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from structvae.rng import seeded
+
 
 def nyquist_energy_share(residual: Tensor) -> Tensor:
     """Share of the 2-D DFT energy of ``residual [B, C, H, W]`` on the Nyquist row/column (k_h = H/2 or
@@ -79,8 +81,7 @@ def sample_health(model, images: Tensor, mean_image: Tensor, num_prior: int = 50
             s2 = torch.linalg.eigvalsh(factor.double().mT @ factor.double()).clamp_min(0).flip(-1)
             sigma.append(s2.sqrt())
             share.append(s2[..., 0] / s2.sum(-1).clamp_min(1e-300))
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed + len(variance))  # the CPU generator alone: CUDA's untouched
+        with seeded(seed + len(variance), model.device):
             x = p.sample()
         outside.append(((x < 0) | (x > 1)).double().mean(-1))
         diagonal = getattr(p, "cov_diag", None)

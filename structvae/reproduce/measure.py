@@ -14,6 +14,7 @@ from structvae.metrics import MeanNLL, dequantize
 from structvae.metrics.classifier_fd import MNISTClassifier, classifier_frechet_distance
 from structvae.model import StructVAE
 from structvae.reproduce.plan import Budget
+from structvae.rng import seeded
 
 
 def _is_vae(model) -> bool:
@@ -64,8 +65,7 @@ def constraints_and_variance(model, images: Tensor, batch_size: int = 250, num_p
     """Mean KL and likelihood entropy on ``images`` with the objective's targets, and the average predicted
     per-pixel variance of p(x|z) (SOS-VAE appendix A) at the test posteriors' means and at prior draws."""
     out: dict[str, float | None] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed, model.device):
         if _is_vae(model):
             kl, entropy, var_post = [], [], []
             for x in images.split(batch_size):
@@ -108,8 +108,7 @@ def aggregate_posterior_parzen(model, datamodule, num: int = 8_000, seed: int = 
     train = torch.stack([datamodule.train_set[i] for i in range(min(num, len(datamodule.train_set)))])
     train = train.to(model.device)
     means = []
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # the CPU generator alone (the draws' noise)
+    with seeded(seed, model.device):
         for x in train.split(batch_size):
             means.append(model.decode(model.encode(x).sample()).mean.clamp(0, 1).flatten(1))
     generated = torch.cat(means)

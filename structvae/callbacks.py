@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from structvae.distributions.base import StructuredCovariance
@@ -42,10 +42,11 @@ class MeanOnlyWarmup(Callback):
             p.grad = None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.covariance_off and not hasattr(pl_module.likelihood, "covariance_off"):
+            rank_zero_warn(f"[structvae] MeanOnlyWarmup(covariance_off=True) has no effect on "
+                           f"{type(pl_module.likelihood).__name__} (only LowRankGaussianLikelihood has the switch)")
+            self.covariance_off = False
         if self.covariance_off:
-            if not hasattr(pl_module.likelihood, "covariance_off"):
-                raise ValueError(f"MeanOnlyWarmup(covariance_off=True) needs a likelihood with a covariance_off "
-                                 f"switch (LowRankGaussianLikelihood), not {type(pl_module.likelihood).__name__}")
             pl_module.likelihood.covariance_off = trainer.current_epoch < self.epochs
         if trainer.current_epoch == self.epochs and self.epochs > 0:
             rank_zero_info(f"[structvae] mean-only warm-up finished after {self.epochs} epoch(s)")

@@ -76,10 +76,10 @@ def sample_health(model, images: Tensor, mean_image: Tensor, num_prior: int = 50
     for n in torch.arange(num_prior).split(batch_size):
         p = model.sample_prior(len(n), generator=generator)
         variance.append(p.variance.double().mean(-1))
-        factor = getattr(p, "cov_factor", None)
-        if factor is not None:
-            s2 = torch.linalg.eigvalsh(factor.double().mT @ factor.double()).clamp_min(0).flip(-1)
-            sigma.append(s2.sqrt())
+        if hasattr(p, "principal_components"):  # the low-rank head: singular values of P, descending
+            s = p.principal_components()[1].double()
+            s2 = s.pow(2)
+            sigma.append(s)
             share.append(s2[..., 0] / s2.sum(-1).clamp_min(1e-300))
         with seeded(seed + len(variance), model.device):
             x = p.sample()

@@ -62,6 +62,7 @@ reproduce: install
 benchmark: install
 	$(PY) benchmarks/lowrank_likelihood.py
 	$(PY) benchmarks/sparse_precision.py
+	$(PY) benchmarks/host_allocator.py
 	$(PY) benchmarks/train_step.py $(ARGS)
 
 # Every CUDA check in one time-boxed run (≤ 8 min on one GPU): OUT/gpu_check.{json,md}. DEVICE=cpu: the dry run.

@@ -8,15 +8,16 @@ optimizer step. Configurations (``--configs``, ``+``-joined options):
               an ``[S]`` diagonal, entropy by torch, KL and constraints *summed* over the batch (λ·(B·ξ − Σ)),
               as a direct port of the paper computes them, in a plain Python process (glibc's own allocator)
 * ``ours``    (a): structvae as its commands run it: ``LowRankGaussianLikelihood`` (scalar D, Woodbury, per-item
-              constraint means) in a process with structvae's host caching allocator (``cache``,
-              :mod:`structvae.host_memory`), plus the experiment's settings: checkpointing (``ckpt``) above
-              100×100 (``sosvae_celeba_native.yaml`` sets it), and on CUDA channels_last (bf16 is opt-in: ``+bf16``)
+              constraint means) on the C library's allocator (the default since the caching allocator became
+              opt-in; ``benchmarks/host_allocator.py`` compares allocators), plus the experiment's settings:
+              checkpointing (``ckpt``) above 100×100 (``sosvae_celeba_native.yaml`` sets it), and on CUDA
+              channels_last (bf16 is opt-in: ``+bf16``)
 * options, added with ``+`` or removed with ``-``: ``cl`` channels_last weights and inputs; ``bf16`` bf16 autocast
   (the R×R algebra stays fp32); ``compile`` ``torch.compile`` of the encoder and decoder; ``ckpt`` activation
   checkpointing of both networks' residual blocks (not with ``compile``: dynamo cannot trace it); the host
-  allocator, ``cache`` (structvae's) or ``keep`` (glibc keeps freed blocks). ``torch+cache`` is the
-  anchor with our allocator and ``ours-cache-ckpt`` is ours without the allocator and the settings, so the
-  table separates what the allocator, the settings and the likelihood each bring.
+  allocator, ``cache`` (structvae's opt-in) or ``keep`` (glibc keeps freed blocks). ``torch+cache`` is the
+  anchor with the caching allocator and ``ours-ckpt`` is ours without the settings, so the table separates what
+  the allocator, the settings and the likelihood each bring.
 
 Timing: one subprocess per image size and allocator (the allocator is process-wide) runs its configurations
 on one shared model, optimizer and batch, interleaved step by step: the median of ``--repeats`` steps after a
@@ -55,8 +56,8 @@ from _measure import peak_bytes, sync  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DEFAULT_SMALL = "torch,ours-cache,torch+cache,ours,ours-cache+keep,ours+cl,ours+bf16,ours+ckpt,ours+compile"
-DEFAULT_LARGE = "torch,ours-cache-ckpt,torch+cache,ours,ours-cache+keep,ours+cl"
+DEFAULT_SMALL = "torch,ours,torch+cache,ours+cache,ours+keep,ours+cl,ours+bf16,ours+ckpt,ours+compile"
+DEFAULT_LARGE = "torch,ours-ckpt,torch+cache,ours,ours+cache,ours+keep,ours+cl"
 ALLOCATORS = ("cache", "keep")  # host allocators (process-wide); neither: glibc's own
 OPTIONS = ("cl", "bf16", "compile", "ckpt", *ALLOCATORS)
 LARGE = 100 * 100  # H·W above which the experiments checkpoint the networks
@@ -70,13 +71,13 @@ def options_of(name: str, device: str, large: bool) -> set[str]:
         raise SystemExit(f"unknown configuration {name!r}: torch or ours, then +opt or -opt with opt in {OPTIONS}")
     options = set()
     if base == "ours":
-        options = {"cache"} | ({"ckpt"} if large else set()) | ({"cl"} if device == "cuda" else set())
+        options = ({"ckpt"} if large else set()) | ({"cl"} if device == "cuda" else set())
     for edit in edits:
         (options.add if edit[0] == "+" else options.discard)(edit[1:])
     if base == "torch" and options - set(ALLOCATORS):
         raise SystemExit(f"{name!r}: the anchor takes only an allocator option (+cache or +keep)")
     if set(ALLOCATORS) <= options:
-        raise SystemExit(f"{name!r}: one host allocator at a time (e.g. ours-cache+keep)")
+        raise SystemExit(f"{name!r}: one host allocator at a time (e.g. ours+keep)")
     if {"compile", "ckpt"} <= options:  # dynamo cannot trace checkpoint()'s context_fn (torch 2.14)
         raise SystemExit(f"{name!r}: compile and ckpt do not combine; drop one (e.g. ours-ckpt+compile)")
     return options

@@ -11,9 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from structvae.distributions.base import StructuredCovariance
-from structvae.explore.draw import render
-from structvae.explore.grid import ImageGrid
 from structvae.rng import seeded
+from structvae.viz import ImageGrid, render
 
 
 class MeanOnlyWarmup(Callback):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from structvae.private_api import CLI_CONFIG_KEY
 from structvae.rng import seeded
 
 
@@ -108,7 +109,7 @@ def _split_loader(datamodule, split: str):
     return datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
 
 
-def _split_images(datamodule, split: str, limit: int | None = None) -> Tensor:
+def split_images(datamodule, split: str, limit: int | None = None) -> Tensor:
     """The images of ``split`` ('val' or 'test'), at most ``limit``, as one tensor ``[N, C, H, W]``."""
     batches, count = [], 0
     for batch in _split_loader(datamodule, split):
@@ -150,7 +151,7 @@ def load_checkpoint(ckpt: str | Path, data_overrides: dict[str, object] | None =
         raise CheckpointReadError(f"{path} holds a {model_class}, not a StructVAE; this command reads checkpoints "
                                   "of the StructVAE experiments")
     hparams = dict(state.get("datamodule_hyper_parameters") or {})
-    hparams.pop("_instantiator", None)
+    hparams.pop(CLI_CONFIG_KEY, None)
     if "_class_path" not in hparams:
         raise CheckpointReadError(f"{path} holds no data-module config (it was not written by `structvae fit`)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -208,14 +209,14 @@ def evaluate(model, datamodule, *, num_samples: int = 50_000, split: str = "test
         generated = generate_images(model, parzen_samples, batch_size, seed + 1, with_samples=False)
         generated = torch.cat([m for m, _ in _progress(generated, parzen_samples, "Parzen: generated images",
                                                        progress, lambda pair: pair[0].shape[0])])
-        parzen = evaluate_parzen(generated.flatten(1), _split_images(datamodule, "val").to(device).flatten(1),
-                                 _split_images(datamodule, "test").to(device).flatten(1))
+        parzen = evaluate_parzen(generated.flatten(1), split_images(datamodule, "val").to(device).flatten(1),
+                                 split_images(datamodule, "test").to(device).flatten(1))
         report.parzen_log_likelihood = parzen.test.mean_log_likelihood
         report.parzen_std_error, report.parzen_sigma = parzen.test.std_error, parzen.sigma
         report.seconds["parzen"] = time.perf_counter() - t
     if run_nll:
         t = time.perf_counter()
-        images = _split_images(datamodule, "test", limit=nll_items)
+        images = split_images(datamodule, "test", limit=nll_items)
         metric = MeanNLL(num_dims=math.prod(model.image_shape), likelihood_is_discrete=model.likelihood_is_discrete)
         generator = torch.Generator(device=device).manual_seed(seed + 2)
         batches = images.split(max(1, batch_size // 10))

@@ -1,27 +1,28 @@
-"""How a structvae process allocates host (CPU) memory: cache freed blocks for reuse, as CUDA's allocator does.
+"""How a structvae process allocates host (CPU) memory: the C library's allocator unless asked otherwise.
 
 With glibc's defaults every tensor above the (dynamic, at most 32 MiB) mmap threshold gets fresh pages from
-the kernel and gives them back when freed. A CPU training step at 218×178 allocates and frees ~830 tensors of
-1 MiB or more, 84 GB in all, so the kernel zeroes and maps tens of gigabytes of pages every step: measured
-52 % of the step (SOS-VAE's residual model, batch 25, 2 threads; ``benchmarks/train_step.py``, ``torch`` vs
-``torch+cache``: 2.08× faster), and 2.4× on a lone 250 MB add. Three policies, chosen by ``$STRUCTVAE_HOST_ALLOCATOR``:
+the kernel and gives them back when freed, so a CPU training step at 218×178 faults in and zeroes tens of
+gigabytes. The standard cure is a general-purpose allocator that keeps freed memory — tcmalloc or jemalloc via
+``LD_PRELOAD`` (or torch's ``python -m torch.backends.xeon.run_cpu`` launcher), or glibc's own tunables — and
+it is the user's choice, made before the process starts (README, "Host memory on CPU";
+``benchmarks/host_allocator.py`` measures them side by side). ``$STRUCTVAE_HOST_ALLOCATOR`` adds two opt-ins
+that a training command applies at start-up:
 
-* ``cache`` (the default): :func:`cache_host_memory` installs structvae's caching allocator
-  (``csrc/host_caching_allocator.cpp``) for CPU tensors of 1 MiB or more: best fit, split and coalesce inside
-  segments that the process keeps, CUDA's scheme for host memory. It is compiled on first use (a C++ compiler,
-  ~5 s, cached by ``torch.utils.cpp_extension``); where that fails the command warns once and uses ``keep``.
-  Outside Linux and macOS (its source is POSIX) commands use ``system``.
+* ``system`` (the default): nothing is changed; whatever the process was started with (glibc, or a preloaded
+  tcmalloc/jemalloc) allocates.
 * ``keep``: :func:`keep_freed_host_memory` makes glibc serve blocks up to 1 GiB from its heap and never trim
-  it. About as fast, but glibc's heap fragments: over three steps of the checkpointed 218×178 model it grows
-  by 7.7 GB where ``cache`` grows by 4.6 GB (0.74× and 0.44× of the torch port's peak), for live tensors
-  that peak at 4.0 GB.
-* ``system``: the C library's own policy; the least memory, the most page faults.
+  it (the same as ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=-1``, set from inside).
+* ``cache``: :func:`cache_host_memory` installs structvae's caching allocator
+  (``csrc/host_caching_allocator.cpp``) for CPU tensors of 1 MiB or more: best fit, split and coalesce inside
+  segments that the process keeps, CUDA's scheme for host memory. It replaces torch's CPU allocator through
+  ``c10::SetCPUAllocator``, which is not public API (pytorch#132446), and is compiled on first use (a C++
+  compiler, ~5 s, cached by ``torch.utils.cpp_extension``); where that fails the command warns once and uses
+  ``keep``. Outside Linux and macOS (its source is POSIX) commands use ``system``.
 
-Either way the memory a step used stays with the process until it exits (``cache``:
-:func:`release_cached_host_memory` gives back wholly free segments). ``structvae …`` commands configure it at
-start-up; library calls (notebooks, tests) leave their process alone. Written by hand because neither torch's
-desktop builds nor Lightning cache host memory; jemalloc/tcmalloc via ``LD_PRELOAD`` are the alternative
-where they are installed.
+Only the training verbs (``structvae fit|validate|test``, and each run of ``structvae reproduce``) apply the
+choice; other verbs, ``--help`` and library calls (notebooks, tests) leave their process alone. Either opt-in
+keeps the memory a step used with the process until it exits (``cache``: :func:`release_cached_host_memory`
+gives back wholly free segments).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from functools import cache
 from pathlib import Path
 
 ENV_VAR = "STRUCTVAE_HOST_ALLOCATOR"
-CHOICES = ("cache", "keep", "system")
+CHOICES = ("system", "keep", "cache")
 
 # mallopt(3) parameter numbers (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -53,12 +54,13 @@ _SOURCE = Path(__file__).parent / "csrc" / "host_caching_allocator.cpp"
 
 
 def host_allocator_choice() -> str:
-    """``cache`` (the default), ``keep`` or ``system``, from ``$STRUCTVAE_HOST_ALLOCATOR``; anything else is
+    """``system`` (the default), ``keep`` or ``cache``, from ``$STRUCTVAE_HOST_ALLOCATOR``; anything else is
     refused."""
-    choice = os.environ.get(ENV_VAR, "cache").strip().lower() or "cache"
+    choice = os.environ.get(ENV_VAR, "system").strip().lower() or "system"
     if choice not in CHOICES:
-        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: use 'cache' (structvae's caching allocator, the "
-                         "default), 'keep' (glibc keeps freed memory) or 'system' (the C library's own policy)")
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: use 'system' (the C library's or a preloaded "
+                         "allocator, the default), 'keep' (glibc keeps freed memory) or 'cache' (structvae's "
+                         "caching allocator); tcmalloc/jemalloc are chosen with LD_PRELOAD, see the README")
     return choice
 
 
@@ -151,8 +153,8 @@ def release_cached_host_memory() -> int:
 
 
 def configure_host_allocator() -> str:
-    """What ``structvae …`` commands run at start-up: the policy of :func:`host_allocator_choice`, and
-    ``keep`` with one warning where ``cache`` cannot be built. Returns the policy now in effect."""
+    """What the training verbs run at start-up: the policy of :func:`host_allocator_choice` (``system``: nothing),
+    and ``keep`` with one warning where ``cache`` cannot be built. Returns the policy now in effect."""
     choice = host_allocator_choice()
     if choice == "cache" and os.name == "nt":  # the allocator's source is POSIX (pthread_atfork)
         return "system"

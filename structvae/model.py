@@ -43,13 +43,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.distributions import Distribution
 
-from structvae.latent.base import LatentDistribution, LatentPosterior
+from structvae.latent.base import LatentDistribution, PosteriorFamily
 from structvae.likelihoods.base import ObservationLikelihood
 from structvae.metrics.sample_health import collapse_warning
 from structvae.networks.base import ImageDecoder, ImageEncoder
 from structvae.networks.conv import ConvDecoder, ConvEncoder
 from structvae.objectives.base import ELBOTerms, Objective
 from structvae.objectives.elbo import ELBO
+from structvae.private_api import CLI_CONFIG_KEY, attached_trainer
 from structvae.rng import global_seed, seeded
 
 
@@ -85,9 +86,6 @@ _CHECKED_TERMS = ("log_likelihood", "kl", "entropy", "loss", "gradients")
 _NO_BAD_STEP = 2**62
 # Constructor arguments that are objects (parts built from a config, or passed in by hand).
 INJECTED_PARTS = ("posterior", "likelihood", "objective", "encoder", "decoder", "optimizer")
-# The entry Lightning adds to the hyper-parameters of a module that LightningCLI (``instantiate_module``)
-# built from its config; structvae.evaluate reads checkpoints by it too.
-CONFIG_MARKER = "_instantiator"
 
 
 class StructVAE(LightningModule):
@@ -113,7 +111,7 @@ class StructVAE(LightningModule):
     def __init__(
         self,
         image_shape: tuple[int, int, int],
-        posterior: LatentPosterior,
+        posterior: PosteriorFamily,
         likelihood: ObservationLikelihood,
         objective: Objective | None = None,
         encoder: ImageEncoder | None = None,
@@ -131,7 +129,7 @@ class StructVAE(LightningModule):
         # ``_instantiator`` entry: that plain data rebuilds every injected part, so it is kept whole.
         # tests/test_model.py pins this Lightning behaviour.
         self.save_hyperparameters(ignore=list(INJECTED_PARTS))
-        if CONFIG_MARKER in self.hparams:
+        if CLI_CONFIG_KEY in self.hparams:
             self.save_hyperparameters()
         self.image_shape = tuple(image_shape)
         self.posterior = posterior
@@ -172,19 +170,30 @@ class StructVAE(LightningModule):
         """
         return self.likelihood.is_discrete
 
-    def elbo_terms(self, x: Tensor) -> ELBOTerms:
+    def elbo_terms(self, x: Tensor, diagnostics: bool = True) -> ELBOTerms:
         """The per-image terms of the objective for images ``x [B, C, H, W]``, one reparameterised z each:
-        log p(x|z), KL(q(z|x) ‖ p(z)), the entropy of p(x|z) and its mean per-pixel variance, all ``[B]``.
+        log p(x|z), KL(q(z|x) ‖ p(z)), the entropy of p(x|z), all ``[B]``; with ``diagnostics`` (or where the
+        objective reads them) also the mean per-pixel variance of p(x|z) and the squared error of its mean.
         """
         q = self.encode(x)
         p = self.decode(q.rsample())
         flat = x.flatten(1)
+        variance = diagnostics or self.objective.needs_pixel_variance
+        error = diagnostics or self.objective.needs_mean_sq_error
         return ELBOTerms(log_likelihood=p.log_prob(flat), kl=q.kl_to_standard_normal(), entropy=p.entropy(),
-                         pixel_variance=self.likelihood.pixel_variance(p),
-                         mean_sq_error=(p.mean - flat).float().pow(2).sum(-1))
+                         pixel_variance=self.likelihood.pixel_variance(p) if variance else None,
+                         mean_sq_error=(p.mean - flat).float().pow(2).sum(-1) if error else None)
 
     def forward(self, x: Tensor) -> ELBOTerms:
         return self.elbo_terms(x)
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this training step's logs (every ``log_every_n_steps`` optimizer steps):
+        the diagnostics nothing else reads are computed only then."""
+        trainer = attached_trainer(self)
+        if trainer is None:
+            return True
+        return (trainer.global_step + 1) % max(int(trainer.log_every_n_steps or 1), 1) == 0
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
@@ -213,7 +222,7 @@ class StructVAE(LightningModule):
 
     # ----------------------------------------------------------------------------- training
     def _step(self, batch: Tensor, stage: str) -> Tensor:
-        terms = self.elbo_terms(batch)
+        terms = self.elbo_terms(batch, diagnostics=stage != "train" or self._logging_step())
         loss = self.objective(terms)
         if self.check_finite and stage == "train":
             self._note_non_finite(loss, terms)
@@ -292,7 +301,7 @@ class StructVAE(LightningModule):
     def configure_model(self) -> None:
         # Before the strategy wraps the model (DDP buckets follow the parameters' layout); idempotent.
         # load_from_checkpoint calls this too, without a trainer: the layout is then the caller's.
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return
         on_cuda = self.trainer.strategy.root_device.type == "cuda"
         if self.channels_last or (self.channels_last is None and on_cuda):
@@ -363,7 +372,7 @@ class StructVAE(LightningModule):
         if not self.check_finite:
             return
         first, terms = self._first_bad.clone(), self._bad_terms.to(torch.int64)
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None and trainer.world_size > 1:  # every rank must stop together, or the others hang
             from torch.distributed import ReduceOp
 
@@ -384,7 +393,7 @@ class StructVAE(LightningModule):
     def _checkpoint_advice(self, step: int) -> str:
         from structvae.checkpointing import latest_checkpoint, quarantine_checkpoints_from
 
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None and not trainer.is_global_zero:
             return "Rank 0's message names the last good checkpoint."  # rank 0 alone renames files
         folders = [cb.dirpath for cb in (trainer.checkpoint_callbacks if trainer else []) if getattr(cb, "dirpath", None)]

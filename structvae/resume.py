@@ -2,7 +2,7 @@
 
 LightningCLI's own rule is the other way round: it re-parses a checkpoint's hyper-parameters over the config,
 so ``--model.optimizer.init_args.lr=1e-4`` on a resume is silently dropped, and a ``digits`` checkpoint
-resumed under ``digits_sos`` trains the Bernoulli model. Here (see ``structvae.cli``):
+resumed under ``digits_sos`` trains the Bernoulli model. Here (see ``structvae.lightning_cli``):
 
 * :func:`check_resumable` refuses, in one line, a checkpoint whose weights do not fit the model the config
   builds (another posterior, likelihood, network or model class, other shapes, weights added or missing), and
@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from structvae.model import CONFIG_MARKER
+from structvae.private_api import CLI_CONFIG_KEY
 
 #: Parts whose class decides what the weights mean: resuming under another one is refused.
 STRUCTURAL_PARTS = ("_class_path", "posterior", "likelihood", "encoder", "decoder", "optimizer")
@@ -35,7 +35,7 @@ def flat_settings(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
     value read from a checkpoint and one parsed now compare equal)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if key == CONFIG_MARKER:
+        if key == CLI_CONFIG_KEY:
             continue
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
@@ -69,7 +69,7 @@ def check_resumable(checkpoint: Mapping[str, Any], model: nn.Module, path: str,
               "out --ckpt_path to start a new run")
     old = dict(checkpoint.get("hyper_parameters") or {})
     new = dict(getattr(model, "hparams", {}) or {})
-    configured = CONFIG_MARKER in old and CONFIG_MARKER in new  # both built from a config: settings to compare
+    configured = CLI_CONFIG_KEY in old and CLI_CONFIG_KEY in new  # both built from a config: settings to compare
     for part in STRUCTURAL_PARTS if configured else ():
         if part in old and part in new and _class_name(old[part]) != _class_name(new[part]):
             name = "model" if part == "_class_path" else part
@@ -102,11 +102,11 @@ def adopt_current_settings(model: nn.Module, checkpoint: dict[str, Any]) -> None
     """Edit ``checkpoint`` (before Lightning restores it into ``model`` and its optimizer) so that the settings
     ``model`` was built with win over the checkpoint's where they differ (see the module docstring).
 
-    Only modules built from a config (LightningCLI, ``CONFIG_MARKER`` in both hyper-parameter sets) carry
+    Only modules built from a config (LightningCLI, ``CLI_CONFIG_KEY`` in both hyper-parameter sets) carry
     settings to compare; anything else is left alone.
     """
     old, new = checkpoint.get("hyper_parameters") or {}, dict(getattr(model, "hparams", {}) or {})
-    if CONFIG_MARKER not in old or CONFIG_MARKER not in new:
+    if CLI_CONFIG_KEY not in old or CLI_CONFIG_KEY not in new:
         return
     changes = changed_settings(old, new)
     objective = getattr(model, "objective", None)

@@ -52,12 +52,13 @@ def check_parses(cli_args: list[str]) -> str | None:
     import contextlib
     import io
 
-    from structvae.cli import main as cli_main
+    from structvae.config_files import resolve_config_args
+    from structvae.lightning_cli import run
 
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
-            cli_main([*cli_args, "--print_config"])
+            run(resolve_config_args([*cli_args, "--print_config"]))
         except SystemExit as exit_:
             if exit_.code in (0, None):
                 return None

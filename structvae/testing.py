@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
-from torch_fidelity import feature_extractor_inceptionv3 as _tf_inception
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from structvae.private_api import inception_weights_not_downloaded
 
 __all__ = ["write_random_inception_weights"]
 
@@ -25,15 +26,14 @@ def write_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) 
     2048-d features at a sane scale, so numerical comparisons between implementations stay meaningful.
     """
 
-    class _Unloaded(_tf_inception.FeatureExtractorInceptionV3):
+    class _Unloaded(FeatureExtractorInceptionV3):
         def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # skip: there is nothing to load yet
             return None
 
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        # the constructor insists on fetching weights; hand it an empty dict instead of going online
-        with mock.patch.object(_tf_inception, "load_state_dict_from_url", lambda *a, **k: {}):
+        with inception_weights_not_downloaded():  # the constructor insists on fetching weights
             net = _Unloaded("inception-v3-random", ["2048"])
         for module in net.modules():
             if isinstance(module, nn.Conv2d):

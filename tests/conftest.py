@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+# tests/support.py (shared helpers, not a test) importable from every test folder under --import-mode=importlib
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import REPO  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -38,3 +41,11 @@ def _torch_threads_restored():
     yield
     left = torch.get_num_threads()
     assert left == threads, f"the test left torch at {left} threads, not {threads}"
+
+
+@pytest.fixture
+def celeba_src(tmp_path):
+    """12 aligned-CelebA-like JPEGs + list_eval_partition.txt: 8 train, 2 valid, 2 test (``support.write_celeba_src``)."""
+    from support import write_celeba_src
+
+    return write_celeba_src(tmp_path)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED_MNIST
 from lightning.pytorch import Callback
+from support import REPO, SHARED_MNIST
 
-from structvae.cli import build_cli, main, resolved_config
+from structvae.cli import main
+from structvae.lightning_cli import build_cli, resolved_config
 
 EXPERIMENTS = sorted((REPO / "configs" / "experiment").glob("*.yaml"))
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -8,9 +8,9 @@ import re
 
 import pytest
 import yaml
-from conftest import REPO
+from support import REPO
 
-from structvae.cli import resolved_config
+from structvae.lightning_cli import resolved_config
 from structvae.reproduce import run_config
 from structvae.reproduce.plan import EXPERIMENTS, budget
 
@@ -174,3 +174,16 @@ def test_quoted_entropy_targets_match_the_formula() -> None:
             quoted = float(number.replace("−", "-").replace(",", ""))
             decimals = len(number.partition(".")[2])
             assert abs(quoted - exact[what]) <= 0.5 * 10**-decimals, f"{name}: {what} {number} ≠ {exact[what]:,.1f}"
+
+
+def test_config_comments_quote_no_measured_time_or_memory() -> None:
+    """Timings and memory copied into a config's comments go stale (one still said ~8.5 GiB after the allocator
+    changed); they belong in benchmarks/ and the README, where a script regenerates them."""
+    measured = re.compile(r"\d\s*(GiB|MiB|GB|MB|ms)\b|\d\s*(s|min) (a|per) (step|epoch)|\bs/(step|epoch)\b")
+    found = []
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            comment = line.split("#", 1)[1] if "#" in line else ""
+            if measured.search(comment):
+                found.append(f"{path.relative_to(REPO)}:{no}: {line.strip()}")
+    assert found == []

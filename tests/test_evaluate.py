@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from structvae.cli import build_cli, main
+from structvae.cli import main
+from structvae.lightning_cli import build_cli
 from structvae.testing import write_random_inception_weights
 
 FAST = ["--num-samples", "32", "--fid-feature", "64", "--parzen-samples", "200", "--nll-items", "16",

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from support import REPO
 
 STEPS = ["environment", "cuda_tests", "sync_debug", "lowrank_likelihood", "train_step_64x64", "train_step_218x178",
          "fid_throughput", "celeba_synthetic_run"]
@@ -59,7 +59,7 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert all(_is_number(r[k]) and r["ms"] > 0 for r in rows for k in ("ms", "speedup_vs_torch", "peak_mib"))
     for name in ("train_step_64x64", "train_step_218x178"):
         res = results[name]
-        assert [r["config"] for r in res["rows"]] == ["torch", "ours-cache-bf16", "ours-cache+bf16"]
+        assert [r["config"] for r in res["rows"]] == ["torch", "ours-bf16", "ours+bf16"]
         for row in res["rows"]:
             assert row["ms_per_step"] > 0 and row["img_per_s"] > 0 and _is_number(row["peak_mib"]), (name, row)
         agreement = res["fp32_vs_bf16"]

@@ -1,7 +1,8 @@
-"""The host allocator setting of structvae's commands: the caching allocator keeps every tensor's bytes intact while
-it reuses, splits and merges blocks (checked against the live tensors' contents), glibc's keep policy cuts page
-faults, a build failure falls back to keep with one warning, a wrong value is refused with one line, and the
-commands apply it while library calls do not."""
+"""The host allocator setting of structvae's training commands: the C library's by default; the opt-in caching
+allocator keeps every tensor's bytes intact while it reuses, splits and merges blocks (checked against the live
+tensors' contents), glibc's keep policy cuts page faults, a build failure falls back to keep with one warning, a
+wrong value is refused with one line, and the training verbs apply it while library calls and other verbs do
+not."""
 
 from __future__ import annotations
 
@@ -60,8 +61,11 @@ def test_keep_reuses_freed_blocks_instead_of_faulting_in_fresh_pages():
     assert kept_faults < system_faults / 2
 
 
-def test_choice_defaults_to_cache_and_accepts_the_others(monkeypatch):
+def test_choice_defaults_to_the_c_library_and_accepts_the_opt_ins(monkeypatch):
     monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+    assert host_memory.host_allocator_choice() == "system"
+    assert host_memory.configure_host_allocator() == "system"  # the default changes nothing
+    monkeypatch.setenv(host_memory.ENV_VAR, "Cache")
     assert host_memory.host_allocator_choice() == "cache"
     monkeypatch.setenv(host_memory.ENV_VAR, "Keep")
     assert host_memory.host_allocator_choice() == "keep"
@@ -75,7 +79,7 @@ def test_a_cache_that_cannot_be_built_falls_back_to_keep_with_one_warning(monkey
         raise RuntimeError("Error building extension 'structvae_host_allocator'\nc++: not found")
 
     kept = []
-    monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+    monkeypatch.setenv(host_memory.ENV_VAR, "cache")
     monkeypatch.setattr(host_memory, "_caching_library", no_compiler)
     monkeypatch.setattr(host_memory, "keep_freed_host_memory", lambda: kept.append(1) or True)
     with pytest.warns(RuntimeWarning) as record:
@@ -88,25 +92,32 @@ def test_a_cache_that_cannot_be_built_falls_back_to_keep_with_one_warning(monkey
 
 def test_a_wrong_choice_is_one_line_from_the_command():
     env = {"STRUCTVAE_HOST_ALLOCATOR": "jemalloc", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "structvae", "fit", "--help"], capture_output=True, text=True,
-                         env=env, check=False)
+    out = subprocess.run([sys.executable, "-m", "structvae", "fit", "--trainer.max_epochs=1"], capture_output=True,
+                         text=True, env=env, check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "structvae: error: STRUCTVAE_HOST_ALLOCATOR='jemalloc': use 'cache' (structvae's caching allocator, the "
-        "default), 'keep' (glibc keeps freed memory) or 'system' (the C library's own policy)"]
+        "structvae: error: STRUCTVAE_HOST_ALLOCATOR='jemalloc': use 'system' (the C library's or a preloaded "
+        "allocator, the default), 'keep' (glibc keeps freed memory) or 'cache' (structvae's caching allocator); "
+        "tcmalloc/jemalloc are chosen with LD_PRELOAD, see the README"]
 
 
-def test_commands_configure_the_allocator_but_library_calls_do_not(monkeypatch):
-    from structvae import cli
+def test_training_commands_configure_the_allocator_but_library_calls_and_other_verbs_do_not(monkeypatch):
+    from structvae import cli, lightning_cli
+    from structvae.data import cli as data_cli
 
     calls = []
     monkeypatch.setattr(host_memory, "configure_host_allocator", lambda: calls.append(1) or "cache")
-    monkeypatch.setattr(cli, "_lightning_cli", lambda argv: 0)
+    monkeypatch.setattr(lightning_cli, "run", lambda argv: 0)
+    monkeypatch.setattr(data_cli, "main", lambda argv: 0)
     monkeypatch.setattr(sys, "argv", ["structvae", "fit"])
     assert cli.main(["fit"]) == 0
     assert calls == []  # a notebook's or a test's process is left alone
     assert cli.main() == 0
     assert calls == [1]
+    for argv in (["structvae", "data", "mnist"], ["structvae", "fit", "--help"], ["structvae", "fit", "-h"]):
+        monkeypatch.setattr(sys, "argv", argv)
+        assert cli.main() == 0
+    assert calls == [1]  # data and --help leave it alone
 
 
 # Installs the caching allocator, then checks its bookkeeping and every live tensor's bytes through a random

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support import small_model
 
 from structvae.callbacks import ImageGridLogger, MeanOnlyWarmup
 from structvae.data import SyntheticImageDataModule
@@ -20,7 +23,6 @@ from structvae.latent import (
 )
 from structvae.likelihoods import BernoulliLikelihood, GaussianLikelihood, LowRankGaussianLikelihood
 from structvae.model import NonFiniteLossError, StructVAE
-from structvae.networks import ConvDecoder, ConvEncoder
 from structvae.objectives import MDMM, BetaELBO
 
 POSTERIORS = [
@@ -37,17 +39,6 @@ LIKELIHOODS = [
     lambda: LowRankGaussianLikelihood(rank=3, epsilon=1e-3),
     lambda: LowRankGaussianLikelihood(rank=3, epsilon=1e-3, learn_diagonal=True),
 ]
-
-
-def small_model(image_shape, posterior=None, likelihood=None, objective=None) -> StructVAE:
-    return StructVAE(
-        image_shape=image_shape,
-        posterior=posterior or LowRankMatrixNormalPosterior(channels=4, size=2),
-        likelihood=likelihood or LowRankGaussianLikelihood(rank=3, epsilon=1e-3, learn_diagonal=True),
-        objective=objective,
-        encoder=ConvEncoder(channels=[8, 16]),
-        decoder=ConvDecoder(width=8, lift_channels=4, lift_size=3),
-    )
 
 
 @pytest.mark.parametrize("make_posterior", POSTERIORS)
@@ -225,8 +216,9 @@ def test_hyperparameters_are_the_cli_config_or_only_the_plain_arguments(in_tmp):
     """Pins the Lightning behaviour ``StructVAE.__init__`` relies on (instead of Lightning's private context
     variable): a module LightningCLI builds gets the parsed config as hyper-parameters, marked by
     ``_instantiator``, and Lightning rebuilds the whole model from that config alone."""
-    from structvae.cli import build_cli
-    from structvae.model import CONFIG_MARKER, INJECTED_PARTS
+    from structvae.lightning_cli import build_cli
+    from structvae.model import INJECTED_PARTS
+    from structvae.private_api import CLI_CONFIG_KEY as CONFIG_MARKER
 
     direct = StructVAE(posterior=VectorGaussianPosterior(latent_dim=4), likelihood=BernoulliLikelihood(),
                        image_shape=(1, 16, 16))
@@ -245,3 +237,88 @@ def test_hyperparameters_are_the_cli_config_or_only_the_plain_arguments(in_tmp):
     rebuilt = StructVAE.load_from_checkpoint(in_tmp / "built.ckpt")  # from the config alone
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+class _SyncRecorder:
+    """Patches the tensor→host conversions and records those called from structvae code (the function name)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(original))
+
+    def _wrap(self, original):
+        def wrapper(tensor, *args, **kwargs):
+            caller = sys._getframe(1)
+            if f"{os.sep}structvae{os.sep}" in caller.f_code.co_filename:
+                self.calls.append(caller.f_code.co_name)
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+
+def test_training_steps_read_nothing_back_between_checks(tmp_path, monkeypatch):
+    """Only ``raise_if_not_finite`` reads the device, and only every ``check_finite_every`` steps (+ the end)."""
+
+    torch.manual_seed(0)
+    model = small_model((1, 8, 8))
+    model.check_finite_every = 4
+    data = SyntheticImageDataModule(image_shape=(1, 8, 8), num_train=64, num_val=8, batch_size=8)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, max_steps=8)
+    recorder = _SyncRecorder(monkeypatch)
+    trainer.fit(model, data)
+    monkeypatch.undo()
+    assert set(recorder.calls) == {"raise_if_not_finite"}, recorder.calls
+    # steps 4 and 8, the end of the epoch and the end of training: one read each
+    assert len(recorder.calls) == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_cuda_training_step_does_not_synchronise():
+
+    torch.manual_seed(0)
+    model = small_model((1, 16, 16)).cuda()
+    optimizer = torch.optim.Adam(model.parameters())
+    batch = torch.rand(8, 1, 16, 16, device="cuda")
+    model.training_step(batch, 0).backward()  # warm-up (lazy initialisation may synchronise once)
+    model.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    optimizer.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            model.training_step(batch, 0).backward()
+            model.on_before_optimizer_step(optimizer)
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    model.raise_if_not_finite()
+
+
+def test_the_pixel_variance_is_computed_on_logging_steps_only(tmp_path, monkeypatch):
+    """A diagnostic nothing but the logs reads (two triangular solves per step for the sparse-precision head) is
+    computed on the steps Lightning logs, every ``log_every_n_steps``; an objective that reads it gets it always."""
+    torch.manual_seed(0)
+    calls = []
+
+    def run(objective=None) -> int:
+        calls.clear()
+        model = small_model((1, 8, 8), objective=objective)
+        original = model.likelihood.pixel_variance
+        monkeypatch.setattr(model.likelihood, "pixel_variance", lambda p: calls.append(1) or original(p))
+        data = SyntheticImageDataModule(image_shape=(1, 8, 8), num_train=64, num_val=8, batch_size=8)
+        trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, max_steps=8,
+                          log_every_n_steps=4)
+        trainer.fit(model, data)
+        return len(calls)
+
+    assert run() == 2  # steps 4 and 8
+    assert run(MDMM(kl_target=2.0, variance_target=0.01, variance_constraint=True)) == 8

@@ -9,7 +9,7 @@ import time
 
 import nbformat
 import pytest
-from conftest import REPO
+from support import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 TEST_MODE = {"epochs": 1, "limit_batches": 3, "num_images": 2, "threads": 1}

@@ -2,7 +2,7 @@
 
 import re
 
-from conftest import REPO
+from support import REPO
 
 README = (REPO / "README.md").read_text()
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 from lightning.pytorch import Callback, Trainer
+from support import REPO, one_error_line, small_model
 
 from structvae.data import EpochRandomSampler, SyntheticImageDataModule
 
@@ -30,9 +30,9 @@ def structvae_fit(folder: Path, config: str, callbacks: list[dict], *args: str,
                  {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": str(folder / "steps"), "every_n_train_steps": KILL_AT, "save_top_k": -1,
                                 "filename": "step{step}", "auto_insert_metric_name": False}},
-                 {"class_path": "resume_helpers.StepRecorder", "init_args": {"path": str(folder / "steps.jsonl")}}]
+                 {"class_path": "support.StepRecorder", "init_args": {"path": str(folder / "steps.jsonl")}}]
     if kill_at is not None:
-        callbacks.append({"class_path": "resume_helpers.KillAtStep", "init_args": {"step": kill_at}})
+        callbacks.append({"class_path": "support.KillAtStep", "init_args": {"step": kill_at}})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "WANDB_MODE": "offline",
            "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
@@ -101,7 +101,6 @@ def test_sampler_resumes_mid_epoch_and_shards_like_distributed_sampler():
 
 
 def test_training_step_leaves_the_global_generator_alone():
-    from test_model import small_model
 
     model = small_model((1, 8, 8))
     batch = torch.rand(4, 1, 8, 8)
@@ -136,7 +135,6 @@ class _Losses(Callback):
 def _fit_steps(folder: Path, ckpt_path: Path | None = None, num_workers: int = 0,
                limit_train_batches: int | float = 1.0) -> dict[int, float]:
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_model import small_model
 
     from structvae.objectives import MDMM
 
@@ -201,7 +199,7 @@ def test_resume_trains_with_the_changed_settings_and_says_so(mdmm_checkpoint, tm
 
     from structvae.cli import main
 
-    recorder = {"class_path": "resume_helpers.SettingsRecorder", "init_args": {"path": str(tmp_path / "seen.json")}}
+    recorder = {"class_path": "support.SettingsRecorder", "init_args": {"path": str(tmp_path / "seen.json")}}
     with caplog.at_level(logging.INFO):
         assert main(["fit", *MDMM_DIGITS, "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path / 'run'}",
                      f"--trainer.callbacks+={json.dumps(recorder)}", f"--ckpt_path={mdmm_checkpoint}",
@@ -225,7 +223,6 @@ def test_resume_trains_with_the_changed_settings_and_says_so(mdmm_checkpoint, tm
     ("digits", "holds another model than this config builds: 11 weight tensor(s) of another shape (e.g. encoder."),
 ])
 def test_resuming_under_an_incompatible_experiment_is_refused(experiment, message, mdmm_checkpoint, tmp_path, capsys):
-    from test_hardening import one_error_line
 
     from structvae.cli import main
 

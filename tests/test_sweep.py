@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO
+from support import REPO
 
 from structvae.cli import main
 from structvae.sweep import check_parses, expand_sweep, load_sweep, sweep_cli_args

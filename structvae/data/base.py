@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from structvae.data.errors import DataCorruptError, DataNotFoundError
+from structvae.private_api import epoch_position
 from structvae.rng import global_seed
 
 Transform = Callable[[Tensor], Tensor]
@@ -99,18 +100,12 @@ def epoch_batches(trainer: object | None, num_batches: int) -> int:
 
 def resume_position(trainer: object | None, num_batches: int) -> tuple[int, int]:
     """``(epoch, batches already trained in it)`` the fit loop is about to run, read from Lightning's
-    restored loop progress (zeros without a trainer); ``num_batches``: the data's full epoch.
-
-    An epoch whose end hooks ran is counted in ``epoch_progress.processed``; one interrupted after some
-    batches is ``ready`` but not yet ``processed``, and ``batch_progress.processed`` counts its trained
-    batches. A checkpoint taken after an unfinished epoch's last batch continues with the next epoch; under
-    ``limit_train_batches`` that last batch is the limit's, not the data's."""
-    loop = getattr(trainer, "fit_loop", None)
-    if loop is None:
+    restored loop progress (:func:`structvae.private_api.epoch_position`; zeros without a trainer);
+    ``num_batches``: the data's full epoch. A checkpoint taken after an unfinished epoch's last batch continues
+    with the next epoch; under ``limit_train_batches`` that last batch is the limit's, not the data's."""
+    if getattr(trainer, "fit_loop", None) is None:
         return 0, 0
-    epoch = loop.epoch_progress.current.processed
-    unfinished = loop.restarting and loop.epoch_progress.current.ready > epoch
-    done = loop.epoch_loop.batch_progress.current.processed if unfinished else 0
+    epoch, done = epoch_position(trainer)
     if num_batches and done >= epoch_batches(trainer, num_batches):
         return epoch + 1, 0
     return epoch, done

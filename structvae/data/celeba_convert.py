@@ -15,7 +15,7 @@ import os
 import shlex
 from pathlib import Path
 
-from structvae.data.convert import Log, Side, _size_flags, _stderr, side_label, write_h5
+from structvae.data.convert import Log, Side, log_to_stderr, side_label, size_flags, write_h5
 from structvae.data.errors import DataCorruptError, DataNotFoundError, OutputExistsError
 from structvae.data.hdf5 import SPLITS
 
@@ -128,7 +128,7 @@ def convert_celeba(
     crop: Side | None = 148,
     overwrite: bool = False,
     workers: int | None = None,
-    log: Log = _stderr,
+    log: Log = log_to_stderr,
     grayscale: bool = False,
 ) -> dict[str, int]:
     """Aligned CelebA folder → HDF5 (``out`` defaults to :func:`celeba_default_out`); see module doc.
@@ -169,6 +169,6 @@ def convert_celeba(
         attrs={
             "source": f"CelebA img_align_celeba ({Path(image_dir).resolve()})",
             "splits": how,
-            "created_by": "structvae data celeba " + _size_flags(size, crop, mode),
+            "created_by": "structvae data celeba " + size_flags(size, crop, mode),
         },
     )

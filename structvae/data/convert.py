@@ -1,7 +1,7 @@
 """Converters from image folders to the structvae HDF5 layout (see :mod:`structvae.data.hdf5`).
 
-The CelebA converter (:func:`convert_celeba`, its split and folder discovery) lives in
-:mod:`structvae.data.celeba_convert`; its names are still importable from here.
+The CelebA converter (:func:`convert_celeba`, its split and folder discovery) is
+:mod:`structvae.data.celeba_convert`.
 
 Images are centre-cropped (any ``H x W``, or none) and resized with PIL's antialiased bicubic filter (or kept at
 their size), RGB or grayscale, stored as uint8 ``[N, C, H, W]``.
@@ -33,7 +33,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 _WRITE_BLOCK = 256  # images buffered per HDF5 write: one h5py call per block instead of per image
 
 
-def _stderr(message: str) -> None:
+def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -111,7 +111,7 @@ def write_h5(
     attrs: Mapping[str, object] | None = None,
     overwrite: bool = False,
     workers: int | None = None,
-    log: Log = _stderr,
+    log: Log = log_to_stderr,
     source: str | None = None,
 ) -> dict[str, int]:
     """Convert the images ``root/<name>`` listed per split into ``out`` (structvae HDF5 layout), atomically.
@@ -209,7 +209,7 @@ def _write_split(
     return n
 
 
-def _size_flags(size: Side | None, crop: Side | None, mode: str = "RGB") -> str:
+def size_flags(size: Side | None, crop: Side | None, mode: str = "RGB") -> str:
     gray = " --grayscale" if mode == "L" else ""
     if size is None and crop is None:
         return "--native" + gray
@@ -236,7 +236,7 @@ def convert_folder(
     mode: str = "RGB",
     overwrite: bool = False,
     workers: int | None = None,
-    log: Log = _stderr,
+    log: Log = log_to_stderr,
 ) -> dict[str, int]:
     """Every image under ``src`` (recursive, sorted by relative path) → HDF5, split at random with ``seed``.
 
@@ -274,19 +274,6 @@ def convert_folder(
         attrs={
             "source": f"image folder {src.resolve()}",
             "splits": f"random (seed={seed}, val_fraction={val_fraction}, test_fraction={test_fraction})",
-            "created_by": "structvae data folder " + _size_flags(size, crop, mode),
+            "created_by": "structvae data folder " + size_flags(size, crop, mode),
         },
     )
-
-
-_CELEBA_NAMES = frozenset({"CELEBA_URL", "CELEBA_RANGES", "CELEBA_PARTITION_NAMES", "celeba_command", "find_celeba",
-                           "read_celeba_partition", "celeba_splits_by_number", "celeba_default_out", "convert_celeba"})
-
-
-def __getattr__(name: str) -> object:
-    """The CelebA names moved to :mod:`structvae.data.celeba_convert`; imported lazily (it imports this module)."""
-    if name in _CELEBA_NAMES:
-        from structvae.data import celeba_convert
-
-        return getattr(celeba_convert, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

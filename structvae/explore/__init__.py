@@ -4,7 +4,7 @@ Latent space (:mod:`structvae.explore.latent`): reconstructions, linear/slerp in
 posterior means, traversals of a coordinate / a d×d map / one location of a map, prior samples of
 several models side by side. Observation space (:mod:`structvae.explore.observation`, SOS-VAE's
 low-rank likelihood): covariance and correlation maps, slerp over the factor noise ω_p, principal-
-component walks and scaling, conditional editing. :mod:`structvae.explore.draw` renders a grid as a
+component walks and scaling, conditional editing. :mod:`structvae.viz` renders a grid as a
 labelled PNG; ``structvae explore --ckpt …`` does all of it for a checkpoint.
 
     from structvae.explore import posterior_means, principal_component_walk, save
@@ -12,15 +12,7 @@ labelled PNG; ``structvae explore --ckpt …`` does all of it for a checkpoint.
     save(principal_component_walk(model, z), "pc_walk.png")
 """
 
-from structvae.explore.draw import render, save, to_rgb
-from structvae.explore.grid import (
-    LOW_RANK_LIKELIHOODS,
-    SCALES,
-    ImageGrid,
-    has_low_rank_likelihood,
-    lerp,
-    slerp,
-)
+from structvae.explore.grid import LOW_RANK_LIKELIHOODS, has_low_rank_likelihood, lerp, slerp
 from structvae.explore.latent import (
     LatentSelection,
     decode_means,
@@ -50,6 +42,7 @@ from structvae.explore.observation import (
     stroke_mask,
 )
 from structvae.explore.widget import PaintingWidget
+from structvae.viz import SCALES, ImageGrid, render, save, to_rgb
 
 __all__ = [
     "PaintingWidget",

@@ -16,8 +16,8 @@ import torch
 
 from structvae.explore import latent as L
 from structvae.explore import observation as O
-from structvae.explore.draw import save
-from structvae.explore.grid import LOW_RANK_LIKELIHOODS, ImageGrid, has_low_rank_likelihood
+from structvae.explore.grid import LOW_RANK_LIKELIHOODS, has_low_rank_likelihood
+from structvae.viz import ImageGrid, save
 
 Builder = Callable[[object, torch.Tensor, int], dict[str, ImageGrid]]
 

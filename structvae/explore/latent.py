@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from structvae.explore.grid import ImageGrid, evaluating, images_of, lerp, slerp
+from structvae.explore.grid import evaluating, images_of, lerp, slerp
 from structvae.rng import seeded
+from structvae.viz.grid import ImageGrid
 
 _SPATIAL_FAMILIES = ("NaiveSpatialPosterior, MatrixNormalPosterior, LowRankMatrixNormalPosterior, "
                      "FullMatrixNormalPosterior")

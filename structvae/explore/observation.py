@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from structvae.distributions.base import StructuredCovariance
-from structvae.explore.grid import ImageGrid, as_generator, evaluating, images_of, require_low_rank, slerp
+from structvae.explore.grid import as_generator, evaluating, images_of, require_low_rank, slerp
+from structvae.viz.grid import ImageGrid
 
 
 def pixel_index(image_shape: Sequence[int], row: int, col: int, channel: int = 0) -> int:

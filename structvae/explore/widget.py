@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structvae.explore.draw import render
 from structvae.explore.latent import decode_means
 from structvae.explore.observation import conditional_edit
+from structvae.viz.draw import render
 
 
 def _grey(level: float) -> str:

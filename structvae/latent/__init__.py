@@ -1,6 +1,6 @@
 """Latent posteriors q(z|x) of the Spatial VAE (and one beyond it): encoder output → distribution."""
 
-from structvae.latent.base import LatentDistribution, LatentPosterior, PosteriorFamily
+from structvae.latent.base import LatentDistribution, PosteriorFamily
 from structvae.latent.posteriors import (
     FullMatrixNormalPosterior,
     LowRankMatrixNormalPosterior,
@@ -12,7 +12,6 @@ from structvae.latent.posteriors import (
 __all__ = [
     "LatentDistribution",
     "PosteriorFamily",
-    "LatentPosterior",  # deprecated alias of PosteriorFamily
     "VectorGaussianPosterior",
     "NaiveSpatialPosterior",
     "MatrixNormalPosterior",

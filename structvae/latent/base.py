@@ -52,7 +52,3 @@ class PosteriorFamily(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(latent_shape={self.latent_shape}, num_outputs={self.num_outputs})"
-
-
-#: Former name of :class:`PosteriorFamily` (deprecated, kept importable: configs and checkpoints use it).
-LatentPosterior = PosteriorFamily

@@ -4,22 +4,19 @@ Every metric is a torchmetrics ``Metric`` whose states are pooled sums, so value
 DDP, and each has a pure-function counterpart usable without Lightning.
 """
 
-import warnings
-from typing import Any
-
-from structvae.metrics.fid import (
+from structvae.metrics.fid import FIDResult, MeanAndSampleFID, frechet_distance
+from structvae.metrics.fid_reference import (
     CACHE_ENV,
+    ReferenceKey,
+    ReferenceStatus,
+    load_or_compute_reference,
+    reference_cache_dir,
+)
+from structvae.metrics.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILENAME,
     INCEPTION_WEIGHTS_URL,
-    FIDResult,
     InceptionWeightsUnavailableError,
-    MeanAndSampleFID,
-    ReferenceKey,
-    ReferenceStatus,
-    frechet_distance,
-    load_or_compute_reference,
-    reference_cache_dir,
     resolve_inception_weights,
     to_inception_uint8,
 )
@@ -29,7 +26,6 @@ from structvae.metrics.nll import (
     LatentVariableModel,
     MeanNLL,
     NLLResult,
-    Posterior,
     bits_per_dim,
     dequantize,
     importance_sampled_nll,
@@ -65,7 +61,6 @@ __all__ = [
     "ParzenEvaluation",
     "ParzenLogLikelihood",
     "ParzenResult",
-    "Posterior",
     "ReferenceKey",
     "ReferenceStatus",
     "bits_per_dim",
@@ -80,17 +75,3 @@ __all__ = [
     "select_parzen_bandwidth",
     "to_inception_uint8",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # Deprecated location (see README): the random-weights helper is test-only and lives in structvae.testing.
-    if name == "write_random_inception_weights":
-        warnings.warn(
-            "structvae.metrics.write_random_inception_weights moved to structvae.testing",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        from structvae.testing import write_random_inception_weights
-
-        return write_random_inception_weights
-    raise AttributeError(f"module 'structvae.metrics' has no attribute {name!r}")

@@ -39,16 +39,9 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 from structvae.metrics.fid_reference import (
-    CACHE_ENV,
     ReferenceKey,
-    ReferenceStatus,
-    load_or_compute_reference,
-    reference_cache_dir,
 )
 from structvae.metrics.inception import (
-    INCEPTION_WEIGHTS_ENV,
-    INCEPTION_WEIGHTS_FILENAME,
-    INCEPTION_WEIGHTS_URL,
     OFFICIAL_WEIGHTS_SHA256_PREFIX,
     InceptionWeightsUnavailableError,
     resolve_inception_weights,
@@ -57,22 +50,7 @@ from structvae.metrics.inception import (
     weights_help,
 )
 
-__all__ = [  # the FID API, including what moved to fid_reference / inception (same import path as before)
-    "CACHE_ENV",
-    "INCEPTION_WEIGHTS_ENV",
-    "INCEPTION_WEIGHTS_FILENAME",
-    "INCEPTION_WEIGHTS_URL",
-    "FIDResult",
-    "InceptionWeightsUnavailableError",
-    "MeanAndSampleFID",
-    "ReferenceKey",
-    "ReferenceStatus",
-    "frechet_distance",
-    "load_or_compute_reference",
-    "reference_cache_dir",
-    "resolve_inception_weights",
-    "to_inception_uint8",
-]
+__all__ = ["FIDResult", "MeanAndSampleFID", "frechet_distance"]
 
 # The attribute under which torchmetrics' FrechetInceptionDistance registers its feature extractor
 # (torchmetrics 1.x); tests/test_metrics_fid.py pins it, so an upgrade that renames it fails loudly.

@@ -21,7 +21,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from structvae.metrics.fid import MeanAndSampleFID
+    from torchmetrics.image.fid import (
+        FrechetInceptionDistance as MeanAndSampleFID,  # the base class: no cycle with fid.py
+    )
 
 __all__ = ["CACHE_ENV", "ReferenceKey", "ReferenceStatus", "load_or_compute_reference", "reference_cache_dir"]
 

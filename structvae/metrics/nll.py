@@ -41,7 +41,6 @@ __all__ = [
     "MeanNLL",
     "NLLResult",
     "ApproximatePosterior",
-    "Posterior",  # deprecated alias of ApproximatePosterior
     "bits_per_dim",
     "dequantize",
     "importance_sampled_nll",
@@ -51,8 +50,6 @@ _LOG_256 = math.log(256.0)
 _LOG_2 = math.log(2.0)
 
 
-#: Former name of :class:`~structvae.distributions.base.ApproximatePosterior` (deprecated alias).
-Posterior = ApproximatePosterior
 
 
 class ImageLikelihood(Protocol):

@@ -60,6 +60,17 @@ class Objective(nn.Module, ABC):
     #: Whether the objective itself holds the mean per-pixel variance at ``implied_variance``.
     holds_variance: bool = False
 
+    @property
+    def needs_pixel_variance(self) -> bool:
+        """Whether :meth:`forward` reads ``ELBOTerms.pixel_variance`` (else the model computes it only on logging
+        steps: for the sparse-precision head it costs two triangular solves)."""
+        return self.holds_variance
+
+    @property
+    def needs_mean_sq_error(self) -> bool:
+        """Whether :meth:`forward` reads ``ELBOTerms.mean_sq_error`` (else only logging steps compute it)."""
+        return False
+
     @abstractmethod
     def forward(self, terms: ELBOTerms) -> Tensor:
         """Per-item terms ``[B]`` → the scalar loss to minimise."""

@@ -21,9 +21,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from structvae.distributions.gaussian_entropy import MAX_UNIT_INTERVAL_VARIANCE
 from structvae.likelihoods.base import ObservationLikelihood
 from structvae.objectives.base import ELBOTerms, Objective
-from structvae.objectives.sos import MAX_UNIT_INTERVAL_VARIANCE
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -146,6 +146,11 @@ class MDMM(Objective):
         self.variance = UpperBoundConstraint(math.nan, damping) if variance_constraint else None
         self._variance_nats_per_log = math.nan  # ½·S, set by bind
         self.holds_variance = variance_constraint
+
+    @property
+    def needs_mean_sq_error(self) -> bool:
+        """The mean anchor's term reads it on every step."""
+        return self.mean_anchor is not None
 
     def bind(self, likelihood: ObservationLikelihood) -> None:
         """Derive ξ_H from ``variance_target`` and check the entropy target against ``likelihood``."""

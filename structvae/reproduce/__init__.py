@@ -20,23 +20,17 @@ from pathlib import Path
 
 import yaml
 
+from structvae.config_files import experiment_config
 from structvae.reproduce.plan import BUDGETS, EXPERIMENTS, PAPERS, Budget, Experiment, budget, run_name
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _config_path(name: str) -> Path:
-    local = Path("configs/experiment") / f"{name}.yaml"
-    return local if local.is_file() else REPO / "configs" / "experiment" / f"{name}.yaml"
 
 
 def run_config(experiment: Experiment, seed: int, b: Budget, paper: str, run_dir: Path, data_root: Path,
                wandb: bool) -> dict:
-    """The experiment's committed config (its parts read in, see :func:`structvae.cli.resolved_config`) with this
+    """The experiment's committed config (its parts read in, see :func:`structvae.lightning_cli.resolved_config`) with this
     run's epochs, seed, data, loggers and Parzen curve."""
-    from structvae.cli import resolved_config
+    from structvae.lightning_cli import resolved_config
 
-    config = resolved_config(_config_path(experiment.config))
+    config = resolved_config(experiment_config(experiment.config))
     config["seed_everything"] = seed
     trainer = config.setdefault("trainer", {})
     epochs = b.network_free_epochs if experiment.role == "network_free" else b.epochs[paper]

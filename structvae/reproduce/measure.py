@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
-from structvae.evaluate import _split_images, evaluate, generate_images
+from structvae.evaluate import evaluate, generate_images, split_images
 from structvae.metrics import MeanNLL, dequantize
 from structvae.metrics.classifier_fd import MNISTClassifier, classifier_frechet_distance
 from structvae.model import StructVAE
@@ -34,7 +34,7 @@ def parzen_and_nll(model, datamodule, budget: Budget, seed: int = 0) -> dict[str
         out.update(nll=report.nll_nats, nll_se=report.nll_std_error_nats, nll_bpd=report.nll_bits_per_dim,
                    nll_k=budget.nll_k, nll_items=report.nll_items)
     else:
-        images = _split_images(datamodule, "test", limit=budget.nll_items).to(model.device)
+        images = split_images(datamodule, "test", limit=budget.nll_items).to(model.device)
         metric = MeanNLL(num_dims=math.prod(model.image_shape), likelihood_is_discrete=False)
         with torch.no_grad():
             x = dequantize(images, torch.Generator(device=images.device).manual_seed(seed + 2))
@@ -112,8 +112,8 @@ def aggregate_posterior_parzen(model, datamodule, num: int = 8_000, seed: int = 
         for x in train.split(batch_size):
             means.append(model.decode(model.encode(x).sample()).mean.clamp(0, 1).flatten(1))
     generated = torch.cat(means)
-    val = _split_images(datamodule, "val").to(model.device).flatten(1)
-    test = _split_images(datamodule, "test").to(model.device).flatten(1)
+    val = split_images(datamodule, "val").to(model.device).flatten(1)
+    test = split_images(datamodule, "test").to(model.device).flatten(1)
     sigma = select_parzen_bandwidth(generated, val).best_sigma
     ll = parzen_log_likelihood(test, generated, sigma).double()
     return {"parzen_aggregate": float(ll.mean()), "parzen_aggregate_se": float(ll.std() / math.sqrt(ll.numel())),

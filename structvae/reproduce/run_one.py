@@ -21,7 +21,7 @@ def train(run_dir: Path) -> tuple[object, object, float, dict]:
     """Fit ``run_dir/config.yaml`` with the project's CLI; returns (model, datamodule, seconds, convergence):
     the epochs trained and, under a converge budget, whether the plateau criterion (not the cap) stopped it."""
     from structvae.callbacks import ConvergenceStopping
-    from structvae.cli import build_cli
+    from structvae.lightning_cli import build_cli
 
     start = time.perf_counter()
     cli = build_cli(["fit", "-c", str(run_dir / "config.yaml")])

@@ -4,9 +4,17 @@ The hot path (training) constructs distributions with ``validate_args=False``; t
 ``validate_args`` is true (torch's default) so that users calling the API directly get one clear
 ``ValueError`` naming the argument instead of a failure deep inside a linear-algebra kernel.
 
-Every distribution declares its parameters' true ``arg_constraints`` (with torch's event dims, so
-tools reading them broadcast correctly) and enforces them through :func:`check_parameters`, which
-turns each declared constraint into a named error message.
+Who checks what:
+
+* every distribution declares its parameters' true ``arg_constraints`` (with torch's event dims) and
+  its ``support``, and passes ``validate_args`` to ``Distribution.__init__``: torch's base class resolves
+  ``None`` to its global default and enforces the constraints (``ValueError`` "Expected parameter <name>
+  ... to satisfy the constraint ..."), and ``Distribution._validate_sample`` checks ``log_prob`` values
+  against the support;
+* the helpers here add only what torch cannot say: shape mismatches, checked always (they cost no
+  device sync, and torch would fail later inside a kernel, or not at all for a broadcastable mistake),
+  and, once ``structvae.private_api.validates(dist)`` says the instance validates, non-finite parameters
+  (``constraints.real`` and ``positive`` admit +-inf, which would poison a Cholesky or a KL silently).
 """
 
 from __future__ import annotations
@@ -19,17 +27,11 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints
 
 #: log(2 pi), the normal density's normaliser per dimension.
 LOG_2PI = math.log(2.0 * math.pi)
 
 _F = TypeVar("_F", bound=Callable)
-
-
-def resolve_validate_args(validate_args: bool | None) -> bool:
-    """``None`` means torch's global default (``Distribution.set_default_validate_args``), as in torch."""
-    return bool(Distribution._validate_args) if validate_args is None else bool(validate_args)
 
 
 def linalg_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,49 +105,24 @@ def check_broadcastable(name: str, shape: torch.Size, other_name: str, other_sha
         ) from None
 
 
-def check_flat_value(value: object, batch_shape: torch.Size, event_size: int, validate: bool) -> None:
+def check_flat_value(value: object, batch_shape: torch.Size, event_size: int) -> None:
     """A ``log_prob`` argument over flattened images: ``[*extra, *batch, S]`` broadcasting with the batch.
 
-    Shape errors always raise (they cost nothing); the finiteness check needs a device sync, so it
-    runs only when ``validate``.
+    Shape errors always raise, validating or not: they cost nothing (no device sync) and a wrongly
+    shaped value would otherwise broadcast into a silently wrong result. The value check against the
+    support (which needs a sync) is ``Distribution._validate_sample``, run by the caller when validating.
     """
     check_last_dim("value", value, event_size, f"S={event_size}")
     assert isinstance(value, Tensor)
     check_broadcastable("value's batch", value.shape[:-1], "batch_shape", batch_shape)
-    if validate:
-        check_finite("value", value)
 
 
-def check_lower_cholesky(name: str, value: Tensor) -> None:
-    """``value[..., n, n]`` must be lower-triangular with a strictly positive diagonal."""
-    if value.dim() < 2 or value.shape[-1] != value.shape[-2]:
-        raise ValueError(
-            f"{name} must be a batch of square matrices [..., n, n], got shape {tuple(value.shape)}"
-        )
-    if bool((value.triu(1) != 0).any()):
-        raise ValueError(f"{name} must be lower-triangular (found non-zero entries above the diagonal)")
-    check_positive(f"diagonal of {name}", value.diagonal(dim1=-2, dim2=-1))
+def check_finite_parameters(values: Mapping[str, Tensor]) -> None:
+    """Raise ``ValueError`` naming the first parameter (name -> tensor of any shape) holding NaN or inf.
 
-
-def _base_constraint(constraint: constraints.Constraint) -> constraints.Constraint:
-    while isinstance(constraint, constraints.independent):
-        constraint = constraint.base_constraint
-    return constraint
-
-
-def check_parameters(arg_constraints: Mapping[str, constraints.Constraint], values: Mapping[str, Tensor]) -> None:
-    """Enforce the declared ``arg_constraints`` on ``values`` (name -> tensor), one named error each.
-
-    Every parameter must be finite; ``positive`` ones strictly positive; ``lower_cholesky`` ones
-    lower-triangular with a positive diagonal; any other constraint is checked with its own ``check``.
-    Only names present in ``values`` are checked (e.g. a float ``cov_diag`` was checked as a tensor).
+    Run after ``Distribution.__init__`` has checked the declared constraints, when the instance validates:
+    ``constraints.real`` and ``positive`` accept +-inf (NaN already failed torch's check, naming the
+    parameter).
     """
     for name, value in values.items():
         check_finite(name, value)
-        base = _base_constraint(arg_constraints[name])
-        if base is constraints.positive:
-            check_positive(name, value)
-        elif base is constraints.lower_cholesky:
-            check_lower_cholesky(name, value)
-        elif base is not constraints.real and not bool(base.check(value).all()):
-            raise ValueError(f"{name} must satisfy the constraint {base}")

@@ -12,6 +12,10 @@ Three contracts, one per role a distribution plays:
   method up (unlike a protocol with properties, it evaluates nothing).
 
 :class:`ApproximatePosterior` is the smallest protocol of q(z|x), all an importance-sampled NLL needs.
+
+:func:`kl_to_standard_normal_prior` lets ``torch.distributions.kl_divergence(q, prior)`` answer with a
+latent's closed form when ``prior`` is torch's standard normal over q's event; each latent class
+registers it with ``register_kl`` next to its definition.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Normal
+
+from structvae.distributions._checks import check_broadcastable
 
 
 class LatentDistribution(Distribution, metaclass=ABCMeta):
@@ -30,6 +36,8 @@ class LatentDistribution(Distribution, metaclass=ABCMeta):
 
     Shapes: ``batch_shape = (B,)``, ``event_shape = latent_shape``; ``rsample`` returns
     ``[*sample_shape, B, *latent_shape]``; ``log_prob`` and ``entropy`` reduce over the event.
+    Concrete classes also register ``kl_divergence(q, Independent(Normal(0, 1), k))`` through
+    :func:`kl_to_standard_normal_prior`.
     """
 
     has_rsample = True
@@ -49,6 +57,41 @@ class LatentDistribution(Distribution, metaclass=ABCMeta):
     @abstractmethod
     def kl_to_standard_normal(self) -> Tensor:
         """KL(q || N(0, I)) per item, shape ``[B]``."""
+
+
+def kl_to_standard_normal_prior(q: LatentDistribution, prior: Distribution) -> Tensor:
+    """``KL(q || prior)`` for ``prior`` torch's standard normal over q's event, ``[*broadcast batch]``.
+
+    ``prior`` is ``Independent(Normal(zeros, ones), k)`` (nested ``Independent`` allowed) or, for a
+    scalar event, a bare ``Normal(0, 1)``; its event shape must be ``q.event_shape`` and its batch shape
+    broadcast with ``q.batch_shape``. The result is ``q.kl_to_standard_normal()`` broadcast to the common
+    batch. Any other prior raises ``NotImplementedError`` (torch's signal for "no closed form
+    registered"), so a prior with a learned mean or scale is never silently treated as N(0, I).
+
+    Checking loc == 0 and scale == 1 syncs with the device: training calls ``kl_to_standard_normal``
+    directly; this is the entry point for code written against ``torch.distributions``.
+    """
+    base = prior
+    while isinstance(base, Independent):
+        base = base.base_dist
+    if not isinstance(base, Normal):
+        raise NotImplementedError(
+            f"KL({type(q).__name__} || {type(prior).__name__}) is implemented in closed form only for the "
+            f"standard-normal prior Independent(Normal(0, 1), k); got a base distribution {type(base).__name__}"
+        )
+    if prior.event_shape != q.event_shape:
+        raise NotImplementedError(
+            f"KL({type(q).__name__} || standard normal): the prior's event shape {tuple(prior.event_shape)} "
+            f"differs from q's {tuple(q.event_shape)}; wrap Normal(0, 1) in Independent(..., "
+            f"{len(q.event_shape)})"
+        )
+    if not (bool((base.loc == 0).all()) and bool((base.scale == 1).all())):
+        raise NotImplementedError(
+            f"KL({type(q).__name__} || Normal) is implemented in closed form only for the standard normal "
+            "prior (loc 0, scale 1)"
+        )
+    batch = check_broadcastable("the prior's batch_shape", prior.batch_shape, "q's batch_shape", q.batch_shape)
+    return q.kl_to_standard_normal().expand(batch)
 
 
 class MeanIsLoc:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.distributions import constraints
+from torch.distributions import Independent, Normal, constraints
+from torch.distributions.kl import register_kl
+from torch.distributions.utils import lazy_property
 
 from structvae.distributions._checks import (
     LOG_2PI,
     check_broadcastable,
-    check_finite,
-    check_parameters,
+    check_finite_parameters,
     linalg_dtype,
-    resolve_validate_args,
 )
-from structvae.distributions.base import LatentDistribution, MeanIsLoc
+from structvae.distributions.base import LatentDistribution, MeanIsLoc, kl_to_standard_normal_prior
+from structvae.private_api import set_validates, validates
 
 
 class DiagonalNormal(MeanIsLoc, LatentDistribution):
@@ -31,12 +32,15 @@ class DiagonalNormal(MeanIsLoc, LatentDistribution):
         scale: standard deviation, broadcastable with ``loc``, strictly positive.
         event_ndims: how many trailing dims form one latent; default ``loc.dim() - 1`` after
             broadcasting, i.e. one leading batch dim ``B``.
-        validate_args: check finiteness/positivity/shapes and raise ``ValueError`` naming the
-            argument; ``None`` follows torch's global default. Keep it ``False`` in training loops.
+        validate_args: check finiteness/positivity and raise ``ValueError`` naming the argument
+            (positivity is torch's base-class check of ``arg_constraints``); ``None`` follows torch's
+            global default. Keep it ``False`` in training loops. Shape errors raise regardless.
 
     Shapes: ``batch_shape = shape[:-event_ndims]``, ``event_shape = shape[-event_ndims:]``;
     ``rsample(S)`` -> ``[*S, *batch, *event]``; ``log_prob``, ``entropy``, ``kl_to_standard_normal``
-    -> ``[*S, *batch]`` / ``[*batch]``.
+    -> ``[*S, *batch]`` / ``[*batch]``. ``loc`` and ``scale`` are stored broadcast to
+    ``[*batch, *event]``; ``expand`` expands both. ``kl_divergence(q, Independent(Normal(0, 1),
+    event_ndims))`` is registered and returns ``kl_to_standard_normal()``.
 
     Reductions (``log_prob``, ``entropy``, KL) are computed and returned in
     :func:`~structvae.distributions._checks.linalg_dtype` of the parameters (fp32 for bf16/fp16),
@@ -45,7 +49,6 @@ class DiagonalNormal(MeanIsLoc, LatentDistribution):
     fp32 ``scale``: bf16 samples for the decoder, exact densities).
     """
 
-    support = constraints.real
     has_rsample = True
 
     def __init__(
@@ -55,24 +58,20 @@ class DiagonalNormal(MeanIsLoc, LatentDistribution):
         event_ndims: int | None = None,
         validate_args: bool | None = None,
     ) -> None:
-        validate = resolve_validate_args(validate_args)
-        if validate:
-            shape = check_broadcastable("scale", scale.shape, "loc", loc.shape)
-        else:
-            shape = torch.broadcast_shapes(loc.shape, scale.shape)
+        shape = check_broadcastable("scale", scale.shape, "loc", loc.shape)
         if event_ndims is None:
             event_ndims = max(len(shape) - 1, 0)
-        if validate and not 0 <= event_ndims <= len(shape):
+        if not 0 <= event_ndims <= len(shape):
             raise ValueError(
                 f"event_ndims must be in [0, {len(shape)}] for parameters of shape {tuple(shape)}, got {event_ndims}"
             )
-        self.event_ndims = int(event_ndims)
-        if validate:
-            check_parameters(self.arg_constraints, {"loc": loc, "scale": scale})
+        self.event_ndims = int(event_ndims)  # before Distribution.__init__: arg_constraints reads it
         self.loc, self.scale = torch.broadcast_tensors(loc, scale)
         split = len(shape) - self.event_ndims
-        super().__init__(shape[:split], shape[split:], validate_args=False)  # checked above
-        self._validate_args = validate
+        # torch resolves validate_args=None and, when validating, checks arg_constraints (NaN, scale <= 0).
+        super().__init__(shape[:split], shape[split:], validate_args=validate_args)
+        if validates(self):
+            check_finite_parameters({"loc": self.loc, "scale": self.scale})
 
     @property
     def arg_constraints(self) -> dict[str, constraints.Constraint]:  # type: ignore[override]
@@ -81,6 +80,11 @@ class DiagonalNormal(MeanIsLoc, LatentDistribution):
             "loc": constraints.independent(constraints.real, self.event_ndims),
             "scale": constraints.independent(constraints.positive, self.event_ndims),
         }
+
+    @property
+    def support(self) -> constraints.Constraint:  # type: ignore[override]
+        """Real values, ``event_ndims`` of them per item."""
+        return constraints.independent(constraints.real, self.event_ndims)
 
     # -- moments -------------------------------------------------------------------------------
     @property
@@ -109,40 +113,57 @@ class DiagonalNormal(MeanIsLoc, LatentDistribution):
     def _work(self, x: Tensor) -> Tensor:
         return x.to(linalg_dtype(self.loc.dtype))
 
+    @lazy_property
+    def _log_scale(self) -> Tensor:
+        """``log scale`` in the compute dtype, ``[*batch, *event]``: shared by log_prob, entropy and the KL."""
+        return self._work(self.scale).log()
+
     def log_prob(self, value: Tensor) -> Tensor:
         """``sum_event [-(z-loc)^2 / (2 scale^2) - log scale - log(2 pi)/2]``, shape ``[*S, *batch]``."""
-        if self._validate_args:
+        if validates(self):
             self._check_value(value)
         loc, scale, z = self._work(self.loc), self._work(self.scale), self._work(value)
         white = (z - loc) / scale
-        return self._event_sum(-0.5 * white.pow(2) - scale.log() - 0.5 * LOG_2PI)
+        return self._event_sum(-0.5 * white.pow(2) - self._log_scale - 0.5 * LOG_2PI)
 
     def entropy(self) -> Tensor:
         """``sum_event [log scale + (1 + log 2 pi)/2]``, shape ``[*batch]``."""
-        scale = self._work(self.scale)
-        return self._event_sum(scale.log() + 0.5 * (1.0 + LOG_2PI))
+        return self._event_sum(self._log_scale + 0.5 * (1.0 + LOG_2PI))
 
     def kl_to_standard_normal(self) -> Tensor:
         """KL(N(loc, scale^2) || N(0, 1)) = ``sum_event (scale^2 + loc^2 - 1 - 2 log scale) / 2``."""
         loc, scale = self._work(self.loc), self._work(self.scale)
-        return self._event_sum(0.5 * (scale.pow(2) + loc.pow(2) - 1.0) - scale.log())
+        return self._event_sum(0.5 * (scale.pow(2) + loc.pow(2) - 1.0) - self._log_scale)
 
     # -- helpers -------------------------------------------------------------------------------
     def _check_value(self, value: Tensor) -> None:
+        """Shape errors in our words (event shape, then broadcasting), then torch's support check (NaN)."""
         ev = tuple(self.event_shape)
-        if tuple(value.shape[value.dim() - len(ev) :]) != ev or value.dim() < len(ev):
-            raise ValueError(f"value must end in the event shape {ev}, got shape {tuple(value.shape)}")
+        if not isinstance(value, Tensor) or value.dim() < len(ev) or tuple(value.shape[value.dim() - len(ev) :]) != ev:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"value must end in the event shape {ev}, got shape {shape}")
         check_broadcastable(
             "value", value.shape, "the distribution's shape", self.batch_shape + self.event_shape
         )
-        check_finite("value", value)
+        self._validate_sample(value)
 
-    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance=None) -> DiagonalNormal:
-        """The same distribution broadcast to ``[*batch_shape, *event]`` (views, no validation)."""
-        shape = torch.Size(batch_shape) + self.event_shape
-        return DiagonalNormal(
-            self.loc.expand(shape), self.scale.expand(shape), self.event_ndims, validate_args=False
-        )
+    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: DiagonalNormal | None = None) -> DiagonalNormal:
+        """The same distribution broadcast to ``[*batch_shape, *event]`` (views of loc and scale, no checks)."""
+        new = self._get_checked_instance(DiagonalNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        shape = batch_shape + self.event_shape
+        new.event_ndims = self.event_ndims
+        new.loc, new.scale = self.loc.expand(shape), self.scale.expand(shape)
+        super(DiagonalNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        set_validates(new, validates(self))
+        return new
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)})"
+
+
+@register_kl(DiagonalNormal, Independent)
+@register_kl(DiagonalNormal, Normal)  # a scalar event (event_ndims=0) against a bare Normal(0, 1)
+def _kl_diagonal_normal_standard_normal(q: DiagonalNormal, prior: Independent | Normal) -> Tensor:
+    """``kl_divergence(q, N(0, I))`` -> ``q.kl_to_standard_normal()``, ``[*batch]``; other priors: NotImplementedError."""
+    return kl_to_standard_normal_prior(q, prior)

@@ -39,20 +39,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, constraints
+from torch.distributions.utils import lazy_property
 
 from structvae.distributions._checks import (
     LOG_2PI,
     check_broadcastable,
+    check_finite_parameters,
     check_flat_value,
     check_last_dim,
-    check_parameters,
     full_precision,
     linalg_dtype,
-    resolve_validate_args,
 )
 from structvae.distributions._lowrank_kernels import CapacitanceCache, ColumnLayout, LowRankGaussianTerms
 from structvae.distributions.base import MeanIsLoc
 from structvae.distributions.lowrank_structure import ConditioningMixin, PrincipalComponentsMixin
+from structvae.private_api import set_validates, validates
 
 
 class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, ConditioningMixin, Distribution):
@@ -66,13 +67,19 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
       ``D = eps * I`` (SOS-VAE: eps = 1e-5), which takes a faster path (D^-1 is a scalar).
 
     ``batch_shape`` is the broadcast batch shape, ``event_shape = (S,)``. ``validate_args`` follows torch:
-    when true, non-finite or non-positive parameters, ``R > S`` and a failed Cholesky raise ``ValueError``
-    naming the argument; when false no value check (and no device sync) runs, and an item whose Cholesky
-    fails gets NaN log_prob, entropy and gradients (the training loop's non-finite signal). Shape errors
-    that would make the batch shape undefined always raise (they cost nothing).
+    when true, non-finite parameters, ``R > S`` and a failed Cholesky raise ``ValueError`` naming the
+    argument, and torch's base class checks ``arg_constraints`` (``cov_diag > 0``); when false no value
+    check (and no device sync) runs, and an item whose Cholesky fails gets NaN log_prob, entropy and
+    gradients (the training loop's non-finite signal). Shape errors that would make the batch shape
+    undefined always raise (they cost nothing). ``expand`` expands ``loc`` only: P and D stay unbroadcast
+    (``[*Pb, S, R]``, ``[*Db, S]`` or 0-dim) and the capacitance factor is shared.
 
-    The capacitance Cholesky factor is computed lazily and shared by ``log_prob`` and ``entropy``; as with
-    ``torch.distributions.LowRankMultivariateNormal``, one instance belongs to one autograd graph.
+    The capacitance Cholesky factor is computed on first use and shared by ``log_prob`` and ``entropy``; as
+    with ``torch.distributions.LowRankMultivariateNormal``, one instance belongs to one autograd graph. It
+    is cached by hand (:class:`~structvae.distributions._lowrank_kernels.CapacitanceCache`), not with
+    ``lazy_property``: the first ``log_prob`` factorises C and solves for its residuals in one fused
+    autograd call whose backward allocates a single S x R gradient, and a factor built without gradients
+    must be rebuilt, not reused, when gradients are needed later (``lazy_property`` always records one).
     """
 
     arg_constraints = {
@@ -90,7 +97,6 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
         cov_diag: Tensor | float,
         validate_args: bool | None = None,
     ) -> None:
-        validate = resolve_validate_args(validate_args)
         if not isinstance(loc, Tensor) or loc.dim() < 1:
             raise ValueError("loc must be a tensor of shape [..., S]")
         if not isinstance(cov_factor, Tensor) or cov_factor.dim() < 2:
@@ -129,11 +135,6 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
         batch_shape = check_broadcastable(
             "loc's batch", loc.shape[:-1], "the batch of cov_factor and cov_diag", factor_batch
         )
-        if validate:
-            check_parameters(self.arg_constraints, {"loc": loc, "cov_factor": cov_factor, "cov_diag": diag})
-            if R > S:
-                raise ValueError(f"cov_factor has rank R={R} larger than the number of pixels S={S}")
-
         self.loc: Tensor = loc.to(dtype).expand(batch_shape + (S,))
         self._P: Tensor = cov_factor.to(dtype)  # unbroadcast, [*Pb, S, R]
         self._D: Tensor = diag  # 0-dim (compute dtype) or unbroadcast [*Db, S] (input dtype)
@@ -141,8 +142,13 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
         self._factor_batch_shape = factor_batch  # capacitance batch: P's and D's batch dims broadcast
         self._compute_dtype = cdt
         self._cache: CapacitanceCache | None = None
-        super().__init__(batch_shape, torch.Size((S,)), validate_args=False)
-        self._validate_args = validate
+        # torch resolves validate_args=None and, when validating, checks arg_constraints (NaN, cov_diag <= 0)
+        # through the properties below.
+        super().__init__(batch_shape, torch.Size((S,)), validate_args=validate_args)
+        if validates(self):
+            check_finite_parameters({"loc": loc, "cov_factor": cov_factor, "cov_diag": diag})
+            if R > S:
+                raise ValueError(f"cov_factor has rank R={R} larger than the number of pixels S={S}")
 
     # ------------------------------------------------------------------ parameters and shapes
     @property
@@ -181,8 +187,9 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
             return self._D
         return self._D.to(dtype).expand(self._factor_batch_shape + self.event_shape).reshape(-1, self.event_shape[0])
 
+    @lazy_property
     def _logdet_diag(self) -> Tensor:
-        """sum_i log D_i, 0-dim or [*Db]."""
+        """sum_i log D_i, 0-dim or [*Db] (compute dtype); shared by ``log_prob`` and ``entropy``."""
         if self._scalar_diag:
             return self.event_shape[0] * torch.log(self._D)
         return self._D.to(self._compute_dtype).log().sum(-1)
@@ -201,7 +208,7 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
                 return cache.logdet_c, P.new_zeros(P.shape[0], 0)
             _, maha, _ = LowRankGaussianTerms.apply(P, D, r_cols, cache.chol, False)
             return cache.logdet_c, maha
-        logdet_c, maha, chol = LowRankGaussianTerms.apply(P, D, r_cols, None, self._validate_args)
+        logdet_c, maha, chol = LowRankGaussianTerms.apply(P, D, r_cols, None, validates(self))
         self._cache = CapacitanceCache(chol, logdet_c, torch.is_grad_enabled())
         return logdet_c, maha
 
@@ -213,19 +220,21 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
         (matrix determinant lemma and Woodbury identity, as in the SOS-VAE paper's likelihood).
         """
         S = self.event_shape[0]
-        check_flat_value(value, self.batch_shape, S, self._validate_args)
+        check_flat_value(value, self.batch_shape, S)
+        if validates(self):
+            self._validate_sample(value)  # the support, real_vector: rejects NaN
         r = value.to(self._compute_dtype) - self.loc.to(self._compute_dtype)
         lead = r.shape[:-1]
         layout = ColumnLayout(lead, self._factor_batch_shape_padded(len(self.batch_shape)))
         logdet_c, maha = self._capacitance_terms(layout.to_cols(r))
-        logdet = logdet_c.reshape(self._factor_batch_shape) + self._logdet_diag()
+        logdet = logdet_c.reshape(self._factor_batch_shape) + self._logdet_diag
         return -0.5 * (S * LOG_2PI + logdet + layout.from_cols(maha))
 
     def entropy(self) -> Tensor:
         """Closed form 1/2 S log(2 pi e) + 1/2 log|Sigma|, [*batch_shape] in the compute dtype."""
         S = self.event_shape[0]
         logdet_c, _ = self._capacitance_terms(None)
-        logdet = logdet_c.reshape(self._factor_batch_shape) + self._logdet_diag()
+        logdet = logdet_c.reshape(self._factor_batch_shape) + self._logdet_diag
         return (0.5 * S * (1.0 + LOG_2PI) + 0.5 * logdet).expand(self.batch_shape)
 
     # ------------------------------------------------------------------ sampling
@@ -292,15 +301,19 @@ class LowRankMultivariateNormal(MeanIsLoc, PrincipalComponentsMixin, Conditionin
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: LowRankMultivariateNormal | None = None
     ) -> LowRankMultivariateNormal:
-        """The same distribution broadcast to ``[*batch_shape, S]``; shares P, D and the Cholesky cache."""
+        """The same distribution broadcast to ``[*batch_shape, S]`` (``loc`` a view, no checks).
+
+        P and D are kept unbroadcast (the properties ``cov_factor``/``cov_diag`` expand them to the new
+        batch), so the capacitance batch and its Cholesky cache are shared with this instance.
+        """
         new = self._get_checked_instance(LowRankMultivariateNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new._P, new._D, new._scalar_diag = self._P, self._D, self._scalar_diag
         new._factor_batch_shape, new._compute_dtype = self._factor_batch_shape, self._compute_dtype
         new._cache = self._cache
-        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        super(LowRankMultivariateNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        set_validates(new, validates(self))
         return new
 
     def __repr__(self) -> str:

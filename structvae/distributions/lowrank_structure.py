@@ -23,6 +23,7 @@ from torch import Tensor
 
 from structvae.distributions._checks import check_broadcastable, check_finite, full_precision
 from structvae.distributions._lowrank_kernels import ColumnLayout
+from structvae.private_api import validates
 
 
 class _LowRankParameters:
@@ -34,7 +35,6 @@ class _LowRankParameters:
     _scalar_diag: bool
     _factor_batch_shape: torch.Size
     _compute_dtype: torch.dtype
-    _validate_args: bool
     batch_shape: torch.Size
     event_shape: torch.Size
     rank: int
@@ -82,7 +82,7 @@ class PrincipalComponentsMixin(_LowRankParameters):
         if scales_t.dim() < 1 or scales_t.shape[-1] != self.rank:
             raise ValueError(f"scales must have shape [..., R={self.rank}], got {tuple(scales_t.shape)}")
         factor = U * (s * scales_t).unsqueeze(-2)
-        return type(self)(self.loc, factor, self._D, validate_args=self._validate_args)
+        return type(self)(self.loc, factor, self._D, validate_args=validates(self))
 
     def with_scaled_component(self, component: int, scale: float | Tensor) -> Self:
         """``with_scaled_components`` with every scale 1 except ``scale`` for principal component ``component``."""
@@ -138,7 +138,7 @@ class ConditioningMixin(_LowRankParameters):
         if n_obs == S:
             raise ValueError("mask marks every pixel as observed; nothing is left to condition")
         b = _compact_observed(mask, observed, n_obs)
-        if self._validate_args:
+        if validates(self):
             check_finite("observed", b)
         cdt = self._compute_dtype
         obs_idx = mask.nonzero().squeeze(-1)
@@ -161,7 +161,7 @@ class ConditioningMixin(_LowRankParameters):
             K = torch.bmm((P2_stacked * w2_stacked.unsqueeze(-1)).mT, P2_stacked)
         C = K + torch.eye(R, dtype=cdt, device=K.device)
         L, info = torch.linalg.cholesky_ex(C)
-        if self._validate_args and bool((info != 0).any()):
+        if validates(self) and bool((info != 0).any()):
             raise ValueError(
                 "Cholesky of the observed block's capacitance failed (cov_factor/cov_diag ill-conditioned)"
             )

@@ -20,17 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, constraints
+from torch.distributions.utils import lazy_property
 
 from structvae.distributions._checks import (
     LOG_2PI,
     check_broadcastable,
+    check_finite_parameters,
     check_flat_value,
     check_last_dim,
-    check_parameters,
     linalg_dtype,
-    resolve_validate_args,
 )
 from structvae.distributions.base import MeanIsLoc
+from structvae.private_api import set_validates, validates
 
 
 class IndependentNormal(MeanIsLoc, Distribution):
@@ -39,6 +40,9 @@ class IndependentNormal(MeanIsLoc, Distribution):
     ``loc``: [..., S]. ``scale`` (standard deviation): [..., S] tensor (learned, e.g. a decoder head) or a
     python float / 0-dim tensor (fixed or a single learned sigma). Batch dims of ``loc`` and ``scale``
     broadcast. ``log_prob(x)`` = -1/2 sum_i ((x_i - loc_i)/scale_i)^2 - sum_i log scale_i - S/2 log 2 pi.
+    ``validate_args`` as torch's (its base class checks ``scale > 0``; non-finite parameters and shape
+    mismatches get our own named errors). ``expand`` expands ``loc``; ``scale`` stays as given (0-dim or
+    ``[*batch, S]``) and the ``scale`` property broadcasts it.
     """
 
     arg_constraints = {"loc": constraints.real_vector, "scale": constraints.independent(constraints.positive, 1)}
@@ -46,7 +50,6 @@ class IndependentNormal(MeanIsLoc, Distribution):
     has_rsample = True
 
     def __init__(self, loc: Tensor, scale: Tensor | float, validate_args: bool | None = None) -> None:
-        validate = resolve_validate_args(validate_args)
         if not isinstance(loc, Tensor) or loc.dim() < 1:
             raise ValueError("loc must be a tensor of shape [..., S]")
         S = loc.shape[-1]
@@ -67,13 +70,14 @@ class IndependentNormal(MeanIsLoc, Distribution):
             scale_t = torch.tensor(float(scale), dtype=scale_dtype, device=loc.device)
         scale_batch = scale_t.shape[:-1] if not scalar else torch.Size()
         batch_shape = check_broadcastable("scale's batch", scale_batch, "loc's batch", loc.shape[:-1])
-        if validate:
-            check_parameters(self.arg_constraints, {"loc": loc, "scale": scale_t})
         self.loc: Tensor = loc.to(dtype).expand(batch_shape + (S,))
         self._scale = scale_t
         self._scalar_scale = scalar
-        super().__init__(batch_shape, torch.Size((S,)), validate_args=False)
-        self._validate_args = validate
+        # torch resolves validate_args=None and, when validating, checks arg_constraints (NaN, scale <= 0,
+        # the latter through the ``scale`` property).
+        super().__init__(batch_shape, torch.Size((S,)), validate_args=validate_args)
+        if validates(self):
+            check_finite_parameters({"loc": loc, "scale": scale_t})
 
     @property
     def scale(self) -> Tensor:
@@ -90,7 +94,9 @@ class IndependentNormal(MeanIsLoc, Distribution):
         """scale^2, [*batch_shape, S] (input dtype)."""
         return self._scale.square().to(self.loc.dtype).expand(self.batch_shape + self.event_shape)
 
+    @lazy_property
     def _sum_log_scale(self) -> Tensor:
+        """sum_i log scale_i, 0-dim or ``[*scale batch]`` (compute dtype); shared by log_prob and entropy."""
         if self._scalar_scale:
             return self.event_shape[0] * torch.log(self._scale)
         return self._scale.to(self._compute_dtype).log().sum(-1)
@@ -98,7 +104,9 @@ class IndependentNormal(MeanIsLoc, Distribution):
     def log_prob(self, value: Tensor) -> Tensor:
         """``value`` [*extra, *batch_shape, S] -> [*extra, *batch_shape] (compute dtype)."""
         S = self.event_shape[0]
-        check_flat_value(value, self.batch_shape, S, self._validate_args)
+        check_flat_value(value, self.batch_shape, S)
+        if validates(self):
+            self._validate_sample(value)  # the support, real_vector: rejects NaN
         cdt = self._compute_dtype
         r = value.to(cdt) - self.loc.to(cdt)
         if self._scalar_scale:
@@ -106,12 +114,12 @@ class IndependentNormal(MeanIsLoc, Distribution):
             quad = r.square().sum(-1) / self._scale.square()
         else:
             quad = (r / self._scale.to(cdt)).square().sum(-1)
-        return -0.5 * (quad + S * LOG_2PI) - self._sum_log_scale()
+        return -0.5 * (quad + S * LOG_2PI) - self._sum_log_scale
 
     def entropy(self) -> Tensor:
         """S/2 log(2 pi e) + sum_i log scale_i, [*batch_shape] (compute dtype)."""
         S = self.event_shape[0]
-        return (0.5 * S * (1.0 + LOG_2PI) + self._sum_log_scale()).expand(self.batch_shape)
+        return (0.5 * S * (1.0 + LOG_2PI) + self._sum_log_scale).expand(self.batch_shape)
 
     def rsample(
         self, sample_shape: torch.Size | Sequence[int] = torch.Size(), noise: Tensor | None = None
@@ -132,13 +140,13 @@ class IndependentNormal(MeanIsLoc, Distribution):
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: IndependentNormal | None = None
     ) -> IndependentNormal:
-        """The same distribution broadcast to ``[*batch_shape, S]`` (views, no validation)."""
+        """The same distribution broadcast to ``[*batch_shape, S]`` (``loc`` a view, ``scale`` shared, no checks)."""
         new = self._get_checked_instance(IndependentNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         new._scale, new._scalar_scale, new._compute_dtype = self._scale, self._scalar_scale, self._compute_dtype
-        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        super(IndependentNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        set_validates(new, validates(self))
         return new
 
     def __repr__(self) -> str:
@@ -153,7 +161,8 @@ class IndependentBernoulli(Distribution):
     Continuous (grey-level) x is accepted, as is customary for Bernoulli VAEs on MNIST-like data; for
     non-binary x this is the cross-entropy, *not* a normalised density on [0, 1] (the continuous
     Bernoulli's normaliser is omitted), so such values are not comparable with densities of other models.
-    Only ``sample`` (binary draws, no gradient) is provided: ``has_rsample`` is False.
+    Only ``sample`` (binary draws, no gradient) is provided: ``has_rsample`` is False. ``validate_args``
+    as torch's: values outside the support [0, 1] (or NaN) raise in ``log_prob``; ``expand`` expands ``logits``.
     """
 
     arg_constraints = {"logits": constraints.real_vector}
@@ -161,21 +170,19 @@ class IndependentBernoulli(Distribution):
     has_rsample = False
 
     def __init__(self, logits: Tensor, validate_args: bool | None = None) -> None:
-        validate = resolve_validate_args(validate_args)
         if not isinstance(logits, Tensor) or logits.dim() < 1:
             raise ValueError("logits must be a tensor of shape [..., S]")
         if not logits.dtype.is_floating_point:
             raise ValueError(f"logits must be floating point, got {logits.dtype}")
-        if validate:
-            check_parameters(self.arg_constraints, {"logits": logits})
         self.logits: Tensor = logits
         self._compute_dtype = linalg_dtype(logits.dtype)
-        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=False)
-        self._validate_args = validate
+        super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
+        if validates(self):
+            check_finite_parameters({"logits": logits})
 
-    @property
+    @lazy_property
     def probs(self) -> Tensor:
-        """sigmoid(logits), [*batch_shape, S]."""
+        """sigmoid(logits), [*batch_shape, S]; computed once, shared by ``mean`` and ``sample`` (as torch's)."""
         return torch.sigmoid(self.logits)
 
     @property
@@ -195,9 +202,9 @@ class IndependentBernoulli(Distribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         """``value`` in [0, 1], [*extra, *batch_shape, S] -> [*extra, *batch_shape] (compute dtype)."""
-        check_flat_value(value, self.batch_shape, self.event_shape[0], self._validate_args)
-        if self._validate_args and not bool(((value >= 0) & (value <= 1)).all()):
-            raise ValueError("value must lie in [0, 1] for a Bernoulli likelihood")
+        check_flat_value(value, self.batch_shape, self.event_shape[0])
+        if validates(self):
+            self._validate_sample(value)  # the support, [0, 1] per pixel: rejects NaN and out-of-range targets
         cdt = self._compute_dtype
         logits, target = torch.broadcast_tensors(self.logits.to(cdt), value.to(cdt))
         return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
@@ -216,13 +223,13 @@ class IndependentBernoulli(Distribution):
     def expand(
         self, batch_shape: torch.Size | Sequence[int], _instance: IndependentBernoulli | None = None
     ) -> IndependentBernoulli:
-        """The same distribution broadcast to ``[*batch_shape, S]`` (views, no validation)."""
+        """The same distribution broadcast to ``[*batch_shape, S]`` (``logits`` a view, no checks)."""
         new = self._get_checked_instance(IndependentBernoulli, _instance)
         batch_shape = torch.Size(batch_shape)
         new.logits = self.logits.expand(batch_shape + self.event_shape)
         new._compute_dtype = self._compute_dtype
-        Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        super(IndependentBernoulli, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        set_validates(new, validates(self))
         return new
 
     def __repr__(self) -> str:

@@ -29,19 +29,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from torch.distributions import Distribution, constraints
+from torch.distributions.utils import lazy_property
 
 from structvae.distributions._checks import (
     LOG_2PI,
     check_broadcastable,
+    check_finite_parameters,
     check_flat_value,
-    check_parameters,
     check_positive,
     full_precision,
     linalg_dtype,
-    resolve_validate_args,
 )
 from structvae.distributions._sparse_kernels import PrecisionStencil, num_off_diagonal
 from structvae.distributions.base import MeanIsLoc
+from structvae.private_api import set_validates, validates
 
 #: Up to this many values ``variance`` is exact (S forward solves); above it, a Monte-Carlo estimate.
 EXACT_VARIANCE_MAX_PIXELS = 256
@@ -71,8 +72,11 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
 
     ``batch_shape`` is the broadcast batch, ``event_shape = (S,)`` with values flattened in (c, h, w)
     order as every observation distribution here; ``image_shape = (C, H, W)``. ``validate_args`` as torch:
-    when true, non-finite parameters raise ``ValueError`` naming the argument; shape and kernel-size
-    errors always raise. ``variance`` is exact for S ≤ ``EXACT_VARIANCE_MAX_PIXELS`` and otherwise a
+    when true, non-finite parameters raise ``ValueError`` naming the argument (NaN through torch's
+    base-class check of ``arg_constraints``, ±inf through ours) and ``log_prob`` checks its value against
+    the support; shape and kernel-size errors always raise. ``expand`` expands ``loc`` only: ``log_diag``
+    and ``off_diag`` stay unbroadcast and the properties broadcast them. ``variance`` is exact for
+    S ≤ ``EXACT_VARIANCE_MAX_PIXELS`` and otherwise a
     Monte-Carlo estimate from ``variance_samples`` draws (relative standard error √(2/n) per value, a
     fixed seed: deterministic, global RNG untouched).
     """
@@ -87,7 +91,6 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
 
     def __init__(self, loc: Tensor, log_diag: Tensor, off_diag: Tensor, kernel_size: int = 3,
                  variance_samples: int = 64, validate_args: bool | None = None) -> None:
-        validate = resolve_validate_args(validate_args)
         for name, value, ndim, layout in (("log_diag", log_diag, 3, "[..., C, H, W]"),
                                           ("off_diag", off_diag, 4, "[..., C, K, H, W]"),
                                           ("loc", loc, 1, "[..., C, H, W] or [..., S]")):
@@ -112,9 +115,6 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
                                            off_diag.shape[:-4])
         batch_shape = check_broadcastable("loc's batch", loc.shape[:-3], "the batch of log_diag and off_diag",
                                           factor_batch)
-        if validate:
-            check_parameters(self.arg_constraints, {"loc": loc.flatten(-3), "log_diag": log_diag,
-                                                    "off_diag": off_diag})
         dtype = torch.promote_types(torch.promote_types(loc.dtype, log_diag.dtype), off_diag.dtype)
         self.loc: Tensor = loc.to(dtype).expand(batch_shape + (C, H, W)).reshape(batch_shape + (S,))
         self._log_diag, self._off_diag = log_diag, off_diag  # unbroadcast, input dtypes
@@ -124,9 +124,10 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
         self.kernel_size = kernel_size
         self.variance_samples = variance_samples
         self._stencil = PrecisionStencil((C, H, W), kernel_size)
-        self._variance: Tensor | None = None
-        super().__init__(batch_shape, torch.Size((S,)), validate_args=False)
-        self._validate_args = validate
+        super().__init__(batch_shape, torch.Size((S,)), validate_args=validate_args)  # NaN: torch's Real() check
+        if validates(self):
+            # -inf in log_diag passes torch's Real() check but means L_ii = 0: not a Cholesky factor.
+            check_finite_parameters({"loc": loc, "log_diag": log_diag, "off_diag": off_diag})
 
     @classmethod
     def from_diagonal(cls, loc: Tensor, diag: Tensor, off_diag: Tensor, kernel_size: int = 3,
@@ -159,7 +160,9 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
         od = self._off_diag.to(cdt).expand(batch + self._off_diag.shape[-4:])
         return ld, od.reshape(n, *od.shape[-4:])
 
+    @lazy_property
     def _sum_log_diag(self) -> Tensor:
+        """Σᵢ log Lᵢᵢ = ½ log|Λ|, ``[*factor batch]`` (compute dtype); shared by ``log_prob`` and ``entropy``."""
         return self._log_diag.to(self._compute_dtype).sum((-3, -2, -1))
 
     def dense_precision_factor(self) -> Tensor:
@@ -173,17 +176,19 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
     def log_prob(self, value: Tensor) -> Tensor:
         """−½‖Lᵀ(value − μ)‖² + Σ log Lᵢᵢ − ½·S·log 2π: ``value`` [*extra, *batch_shape, S] → [*extra, *batch_shape]."""
         S = self.event_shape[0]
-        check_flat_value(value, self.batch_shape, S, self._validate_args)
+        check_flat_value(value, self.batch_shape, S)
+        if validates(self):
+            self._validate_sample(value)  # the support, real_vector: rejects NaN
         cdt = self._compute_dtype
         r = (value.to(cdt) - self.loc.to(cdt)).unflatten(-1, self.image_shape)
         y = self._stencil.apply_lt(self._log_diag.to(cdt), self._off_diag.to(cdt), r)
-        return -0.5 * (y.square().sum((-3, -2, -1)) + S * LOG_2PI) + self._sum_log_diag()
+        return -0.5 * (y.square().sum((-3, -2, -1)) + S * LOG_2PI) + self._sum_log_diag
 
     @full_precision
     def entropy(self) -> Tensor:
         """½·S·log(2πe) − Σ log Lᵢᵢ, [*batch_shape] in the compute dtype."""
         S = self.event_shape[0]
-        return (0.5 * S * (1.0 + LOG_2PI) - self._sum_log_diag()).expand(self.batch_shape)
+        return (0.5 * S * (1.0 + LOG_2PI) - self._sum_log_diag).expand(self.batch_shape)
 
     # ------------------------------------------------------------------ sampling and solves
     def _solve(self, rhs: Tensor, transposed: bool, start_row: int = 0) -> Tensor:
@@ -225,35 +230,39 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
         u = self._solve(e, transposed=False, start_row=(index % (H * W)) // W)  # L⁻¹e is 0 before its row
         return self._solve(u, transposed=True).to(self.loc.dtype)
 
-    @property
+    @lazy_property
     @full_precision
     def variance(self) -> Tensor:
-        """Per-value marginal variance diag(Λ⁻¹), [*batch_shape, S] (input dtype); computed once.
+        """Per-value marginal variance diag(Λ⁻¹), [*batch_shape, S] (input dtype, no gradient); computed once
+        (it costs S solves or ``variance_samples`` sampling solves) and shared by ``stddev`` and
+        ``mean_variance``.
 
         S ≤ ``EXACT_VARIANCE_MAX_PIXELS``: exact, Σⱼⱼ = ‖L⁻¹eⱼ‖² (one forward solve with S right-hand
         sides). Larger: the Monte-Carlo mean of (L⁻ᵀε)² over ``variance_samples`` draws ε from a fixed seed
         (unbiased; relative standard error √(2/n) per value, far less for the mean over pixels).
         """
-        if self._variance is None:
-            S, cdt, device = self.event_shape[0], self._compute_dtype, self.loc.device
-            with torch.no_grad():
-                if S <= EXACT_VARIANCE_MAX_PIXELS:
-                    eye = torch.eye(S, dtype=cdt, device=device).view((S,) + (1,) * len(self.batch_shape) + (S,))
-                    cols = self._solve(eye.expand((S,) + self.batch_shape + (S,)), transposed=False)  # [j, *batch, S]
-                    var = cols.square().sum(-1).movedim(0, -1)
-                else:
-                    gen = torch.Generator(device=device).manual_seed(0)
-                    n = self.variance_samples
-                    eps = torch.randn((n,) + self.batch_shape + (S,), generator=gen, dtype=cdt, device=device)
-                    var = self._solve(eps, transposed=True).square().mean(0)
-            self._variance = var.to(self.loc.dtype)
-        return self._variance
+        S, cdt, device = self.event_shape[0], self._compute_dtype, self.loc.device
+        with torch.no_grad():
+            if S <= EXACT_VARIANCE_MAX_PIXELS:
+                eye = torch.eye(S, dtype=cdt, device=device).view((S,) + (1,) * len(self.batch_shape) + (S,))
+                cols = self._solve(eye.expand((S,) + self.batch_shape + (S,)), transposed=False)  # [j, *batch, S]
+                var = cols.square().sum(-1).movedim(0, -1)
+            else:
+                gen = torch.Generator(device=device).manual_seed(0)
+                n = self.variance_samples
+                eps = torch.randn((n,) + self.batch_shape + (S,), generator=gen, dtype=cdt, device=device)
+                var = self._solve(eps, transposed=True).square().mean(0)
+        return var.to(self.loc.dtype)
+
+    def _variance_computed(self) -> bool:
+        """Whether ``variance`` was already evaluated (``lazy_property`` then holds it in the instance dict)."""
+        return "variance" in self.__dict__
 
     def mean_variance(self, num_samples: int = 2) -> Tensor:
         """tr(Λ⁻¹)/S, the mean per-value variance, [*batch_shape] (input dtype, no gradient): Hutchinson's
         estimate E‖L⁻ᵀε‖²/S from ``num_samples`` Rademacher draws of a fixed seed (unbiased; the per-value terms average
         over S, so two draws suffice for a diagnostic), or exactly from ``variance`` when that is cached or exact."""
-        if self._variance is not None or self.event_shape[0] <= EXACT_VARIANCE_MAX_PIXELS:
+        if self._variance_computed() or self.event_shape[0] <= EXACT_VARIANCE_MAX_PIXELS:
             return self.variance.mean(-1)
         with torch.no_grad():
             gen = torch.Generator(device=self.loc.device).manual_seed(0)
@@ -267,6 +276,26 @@ class SparsePrecisionNormal(MeanIsLoc, Distribution):
     def stddev(self) -> Tensor:
         """√variance, [*batch_shape, S]."""
         return self.variance.sqrt()
+
+    def expand(self, batch_shape: torch.Size | Sequence[int],
+               _instance: SparsePrecisionNormal | None = None) -> SparsePrecisionNormal:
+        """The same distribution broadcast to ``[*batch_shape, S]`` (``loc`` a view, no checks).
+
+        ``log_diag``/``off_diag`` (unbroadcast, ``[*factor batch, C, H, W]`` / ``[..., C, K, H, W]``) and the
+        stencil are shared; a ``variance`` already computed is expanded rather than recomputed.
+        """
+        new = self._get_checked_instance(SparsePrecisionNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new._log_diag, new._off_diag = self._log_diag, self._off_diag
+        new._factor_batch_shape, new._compute_dtype = self._factor_batch_shape, self._compute_dtype
+        new.image_shape, new.kernel_size, new.variance_samples = self.image_shape, self.kernel_size, self.variance_samples
+        new._stencil = self._stencil
+        if self._variance_computed():
+            new.variance = self.variance.expand(batch_shape + self.event_shape)
+        super(SparsePrecisionNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        set_validates(new, validates(self))
+        return new
 
     def __repr__(self) -> str:
         C, H, W = self.image_shape

@@ -40,7 +40,7 @@ import train_step as train_bench  # noqa: E402
 # What the steps (and the benchmarks' functions) import lazily, imported once here: the runner forks a child per
 # step, and each would otherwise pay these imports again (seconds each on a busy 2-core machine). None of them
 # initialises CUDA, which a forked child could then not use.
-PRELOAD = ("lightning.pytorch.callbacks", "sklearn.datasets", "torch_fidelity", "structvae.cli",
+PRELOAD = ("lightning.pytorch.callbacks", "sklearn.datasets", "torch_fidelity", "structvae.lightning_cli",
            "structvae.data.synthetic", "structvae.distributions.lowrank_normal", "structvae.latent",
            "structvae.likelihoods", "structvae.model", "structvae.networks", "structvae.objectives", "structvae.testing")
 for _name in PRELOAD:
@@ -98,7 +98,7 @@ def _autocast(device: str, bf16: bool) -> contextlib.AbstractContextManager[Any]
 # ------------------------------------------------------------------------------------------------ environment
 def environment(ctx: Context) -> dict[str, Any]:
     """Versions, the device, and the precision ``structvae fit`` picks here by default."""
-    from structvae.cli import fast_precision
+    from structvae.lightning_cli import fast_precision
 
     info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
                             "cpu_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
@@ -157,7 +157,7 @@ def cuda_tests(ctx: Context) -> dict[str, Any]:
 def experiment(name: str, ctx: Context, shape: list[int], *overrides: str) -> Any:
     """``structvae fit -c configs/experiment/NAME.yaml`` on synthetic images of ``shape``, parsed and built by the
     CLI itself (its defaults included, e.g. the precision on CUDA) but not run: a ``LightningCLI``."""
-    from structvae.cli import build_cli
+    from structvae.lightning_cli import build_cli
 
     args = ["-c", str(REPO / "configs" / "experiment" / f"{name}.yaml"),
             "--data=structvae.data.SyntheticImageDataModule", f"--data.image_shape=[{','.join(map(str, shape))}]",

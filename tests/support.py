@@ -139,3 +139,17 @@ def reference_crop_resize(path: Path, box: tuple[int, int, int, int], size: int,
     with Image.open(path) as im:
         out = np.asarray(im.convert(mode).crop(box).resize((size, size), Image.Resampling.BICUBIC))
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+
+
+def call_from_file(rank: int, path: str, name: str, *args) -> None:
+    """``torch.multiprocessing.spawn`` target that runs ``name(rank, *args)`` from the test file ``path``.
+
+    A spawned child unpickles its target by module name, and a test module's name under pytest's importlib mode
+    (``tests.metrics.test_ddp``) is not importable there (an installed package named ``tests`` shadows it); the
+    child loads the file itself instead."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"spawned_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    getattr(module, name)(rank, *args)

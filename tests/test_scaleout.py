@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support import call_from_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -82,7 +83,7 @@ def _port() -> int:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("scaleout")
-    mp.spawn(_rank, args=(_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(call_from_file, args=(__file__, "_rank", _port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 

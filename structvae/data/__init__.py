@@ -43,7 +43,7 @@ _EXPORTS = {
     "convert_folder": "convert",
 }
 
-# Spelled out for static tools; tests/test_contracts.py checks it and the TYPE_CHECKING imports against _EXPORTS.
+# Spelled out for static tools; tests/data/test_datamodules.py checks it and the TYPE_CHECKING imports against _EXPORTS.
 __all__ = [
     "CIFAR10DataModule",
     "CelebADataModule",

@@ -34,6 +34,7 @@ _WRITE_BLOCK = 256  # images buffered per HDF5 write: one h5py call per block in
 
 
 def log_to_stderr(message: str) -> None:
+    """The converters' default progress log: one line on stderr, flushed (a long conversion shows it at once)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -210,6 +211,7 @@ def _write_split(
 
 
 def size_flags(size: Side | None, crop: Side | None, mode: str = "RGB") -> str:
+    """The ``structvae data`` flags that reproduce a conversion (stored in the file's ``created_by``)."""
     gray = " --grayscale" if mode == "L" else ""
     if size is None and crop is None:
         return "--native" + gray

@@ -22,9 +22,9 @@ _SPATIAL_FAMILIES = ("NaiveSpatialPosterior, MatrixNormalPosterior, LowRankMatri
 
 def validation_images(datamodule, num: int) -> Tensor:
     """The first ``num`` images of a data module's validation split, [num, C, H, W]."""
-    from structvae.evaluate import _split_images
+    from structvae.evaluate import split_images
 
-    return _split_images(datamodule, "val", limit=num)
+    return split_images(datamodule, "val", limit=num)
 
 
 def posterior_means(model, images: Tensor) -> Tensor:

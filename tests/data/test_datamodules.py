@@ -5,12 +5,14 @@ File-backed sets (MNIST, CIFAR-10, HDF5/CelebA, converters) are tested in ``test
 
 from __future__ import annotations
 
+import ast
 import sys
 
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support import REPO
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
@@ -298,3 +300,20 @@ def test_split_size_arguments_are_validated() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         MNISTDataModule(batch_size=0)
     assert CIFAR10DataModule().random_flip and not MNISTDataModule().random_flip  # natural images flip
+
+
+def test_data_exports_are_declared_once() -> None:
+    """``structvae.data``'s lazy table is the single list: ``__all__`` and the type-checking imports follow it."""
+    import structvae.data as data
+
+    assert sorted(data.__all__) == sorted(data._EXPORTS)
+    tree = ast.parse((REPO / "structvae" / "data" / "__init__.py").read_text())
+    typed = {
+        alias.name: node.module.rsplit(".", 1)[-1]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("structvae.data.")
+        for alias in node.names
+    }
+    assert typed == data._EXPORTS
+    for name in data.__all__:
+        assert getattr(data, name) is not None

@@ -1,16 +1,20 @@
 """Generic checks over every observation likelihood head (a registry: adding a head = one entry here): the shapes
 and finiteness of what it returns, the mean/variance split the warm-up freezes, gradients reaching every
 parameter, the cheap ``pixel_variance`` against the distribution's own variances, and the ELBO pieces of a model
-built on it."""
+built on it; and a new head is one file plus one YAML (the README's own example, trained through the CLI)."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import pytest
 import torch
+from support import REPO
 
+from structvae.distributions import ObservationDistribution
+from structvae.lightning_cli import build_cli
 from structvae.likelihoods import (
     BernoulliLikelihood,
     GaussianLikelihood,
@@ -109,3 +113,27 @@ def test_a_model_on_every_head_gives_the_elbo_terms(name):
         assert value.shape == (4,) and torch.isfinite(value).all()
     lean = model.elbo_terms(x, diagnostics=False)  # a training step that logs nothing computes neither
     assert lean.pixel_variance is None and lean.mean_sq_error is None
+
+
+def _readme_block(language: str, first_line: str) -> str:
+    readme = (REPO / "README.md").read_text()
+    blocks = [b for b in re.findall(rf"```{language}\n(.*?)```", readme, re.S) if b.startswith(first_line)]
+    assert len(blocks) == 1, first_line
+    return blocks[0]
+
+
+def test_a_new_likelihood_is_one_file_and_one_yaml(in_tmp, monkeypatch) -> None:
+    """The README's Laplace likelihood, written to a temporary module, trains through the CLI."""
+    module = in_tmp / "laplace_likelihood.py"
+    module.write_text(_readme_block("python", "# laplace_likelihood.py"))
+    config = in_tmp / "laplace.yaml"
+    config.write_text(_readme_block("yaml", "# configs/model/likelihood/laplace.yaml"))
+    monkeypatch.syspath_prepend(str(in_tmp))
+    cli = build_cli(["fit", "-c", str(REPO / "configs/experiment/digits.yaml"), f"--model.likelihood={config}",
+                     "--trainer.fast_dev_run=true", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                     "--trainer.enable_model_summary=false"])
+    assert type(cli.model.likelihood).__name__ == "LaplaceLikelihood" and cli.trainer.state.finished
+    assert cli.trainer.callback_metrics and all(torch.isfinite(v) for v in cli.trainer.callback_metrics.values())
+    with torch.no_grad():
+        p = cli.model.decode(cli.model.posterior.prior_sample(3))
+    assert isinstance(p, ObservationDistribution) and p.mean.shape == (3, 16 * 16)

@@ -40,7 +40,9 @@ def test_the_variance_is_held_near_its_target_and_spread_over_components(trained
 
 def test_samples_stay_in_range_and_the_means_reconstruct(trained):
     _, h = trained
-    assert h.outside_unit_beyond_noise < 0.02, h  # beyond 3√ε of [0, 1]: the white noise εI alone is not counted
+    # beyond 3√ε of [0, 1] (the white noise εI alone is not counted): 1.5–2.2 % measured for this recipe across runs
+    # and machines (float reductions differ with the CPU), 8.7 % for the paper's recipe (reports/sos-vae.md)
+    assert h.outside_unit_beyond_noise < 0.03, h
     assert h.reconstruction_mse < 0.5 * h.mean_image_mse, h
 
 

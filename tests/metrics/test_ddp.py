@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from support import call_from_file
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, Normal
 
@@ -145,7 +146,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[dict]]
     data = make_data()
     torch.save(data, tmp / "data.pt")
     single = evaluate(data, rank=0, split_of=None, cache=tmp / "single_cache")
-    mp.spawn(_worker, args=(free_port(), str(tmp)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(call_from_file, args=(__file__, "_worker", free_port(), str(tmp)), nprocs=WORLD_SIZE, join=True)
     return single, [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 

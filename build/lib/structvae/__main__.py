@@ -1,0 +1,5 @@
+import sys
+
+from structvae.cli import main
+
+sys.exit(main())

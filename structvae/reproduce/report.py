@@ -15,7 +15,8 @@ from pathlib import Path
 
 from structvae.reproduce.plan import Experiment
 
-REPO = Path(__file__).resolve().parents[2]
+#: The repository this package runs from when it is a checkout (an installed wheel has none: no commit to name).
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 # (result key, column title, digits, lower is better)
 COLUMNS = {
@@ -61,8 +62,11 @@ def fmt(mean: float, se: float, n: int, digits: int) -> str:
 
 
 def _commit() -> str:
+    if not (CHECKOUT / ".git").exists():  # installed: git would name whatever repository encloses the venv
+        return "unknown (installed package)"
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=False, cwd=REPO).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False, cwd=CHECKOUT).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + (" (+ uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!reports") else "")

@@ -1,5 +1,0 @@
-import sys
-
-from structvae.cli import main
-
-sys.exit(main())

@@ -141,6 +141,15 @@ def reference_crop_resize(path: Path, box: tuple[int, int, int, int], size: int,
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
 
 
+def free_port() -> int:
+    """A TCP port on localhost nobody listens on now (the DDP tests' rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def call_from_file(rank: int, path: str, name: str, *args) -> None:
     """``torch.multiprocessing.spawn`` target that runs ``name(rank, *args)`` from the test file ``path``.
 

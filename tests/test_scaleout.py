@@ -8,13 +8,12 @@ quadratic in each rank's own batch mean: there DDP acts like batch b, which the 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from support import call_from_file
+from support import call_from_file, free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -74,16 +73,10 @@ def _rank(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("scaleout")
-    mp.spawn(call_from_file, args=(__file__, "_rank", _port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(call_from_file, args=(__file__, "_rank", free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 

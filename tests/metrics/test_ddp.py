@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from support import call_from_file
+from support import call_from_file, free_port
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent, Normal
 
@@ -132,12 +131,6 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         dist.barrier()  # no rank tears its connections down while the other still uses them
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
